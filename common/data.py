@@ -1,0 +1,762 @@
+"""Dataset registry: every dataset the papers train on, resolved from a local copy or its usual source.
+
+`build_datasets(name, ...)` returns `(train_ds, eval_ds, info)`. Image datasets yield
+`(image (C, H, W) float32 normalised, int label)`; regression datasets yield
+`(features (D,) float32, target (1,) float32)`.
+
+Where the data comes from, in order (the first that exists wins, and `DataInfo.source` records it):
+
+1. a local folder: the `root` argument (`data.root` in configs), else `$REPRO_DATA_DIR/<name>`;
+2. the dataset's usual public source (Hugging Face hub, torchvision, UCI), when `allow_download`;
+3. otherwise a `ReproError` naming every path tried and where to put the files.
+
+Image bytes stay encoded in memory and are decoded in `__getitem__`, as the Hugging Face and
+torchvision ImageFolder loaders do, so CIFAR-10 costs ~57 MB of RAM rather than ~180 MB of arrays.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Subset
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
+
+from common.errors import ReproError, unknown_name
+
+DATA_ROOT_ENV = "REPRO_DATA_DIR"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CIFAR10_MINI_DIR = REPO_ROOT / "tests" / "data" / "cifar10-mini"
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+
+# Per-channel statistics of the training images (0-1 scale).
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+# facebookresearch/mixup-cifar10 train.py uses this std (a long-standing miscomputed value that
+# many CIFAR repos copied); `recipe='mixup_official'` keeps it to match the official numbers.
+MIXUP_OFFICIAL_MEAN, MIXUP_OFFICIAL_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+
+RECIPES = ("cifar", "mixup_official", "deit")
+AIRFOIL_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/00291/airfoil_self_noise.dat"
+AIRFOIL_FILE = "airfoil_self_noise.dat"
+AIRFOIL_SPLIT_SEED = 0  # fixed so every run and method sees the same 80/20 split
+
+
+@dataclass
+class DataInfo:
+    """What a training run needs to know about its data.
+
+    Attributes:
+        name: registry name.
+        task: 'classification' or 'regression'.
+        num_classes: number of classes, or the output dimension for regression.
+        image_size: side of the (square) image tensors produced, None for tabular data.
+        mean, std: normalisation applied (per channel for images, per feature for tabular data).
+        source: where the data was read from, for provenance in results.
+        classes: class names in label order, when known.
+    """
+
+    name: str
+    task: str
+    num_classes: int
+    image_size: int | None
+    mean: tuple | None
+    std: tuple | None
+    source: str
+    classes: tuple[str, ...] | None = None
+
+
+@dataclass
+class _RawSplits:
+    """What a registered builder returns: untransformed splits plus facts about them.
+
+    Image splits yield `(PIL.Image RGB, int)`; tabular splits are `_Tabular`.
+    """
+
+    train: Any
+    test: Any
+    info: DataInfo
+    default_recipe: str | None = None
+    native_size: int | None = None  # side of the stored images when all share one (CIFAR: 32)
+    stats: tuple[tuple, tuple] | None = None  # (mean, std) for the 'cifar' recipe
+
+
+_DATASETS: dict[str, Callable[[Path | None, bool], _RawSplits]] = {}
+
+
+def register_dataset(name: str) -> Callable:
+    """Decorator registering `builder(root: Path | None, allow_download: bool) -> _RawSplits`."""
+
+    def decorator(builder: Callable) -> Callable:
+        if name in _DATASETS:
+            raise ReproError(
+                f"dataset {name!r} is registered twice ({_DATASETS[name].__module__} and "
+                f"{builder.__module__}); rename one of them."
+            )
+        _DATASETS[name] = builder
+        return builder
+
+    return decorator
+
+
+def list_datasets() -> list[str]:
+    """Registered dataset names, sorted."""
+    return sorted(_DATASETS)
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset classes
+# --------------------------------------------------------------------------------------------
+
+
+class EncodedImages(Dataset):
+    """Encoded images (JPEG/PNG bytes) in one contiguous buffer; yields `(PIL RGB image, label)`.
+
+    One numpy buffer plus offsets instead of a list of `bytes` objects: DataLoader workers forked
+    from the main process then share the pages instead of copying them on refcount updates.
+    """
+
+    def __init__(self, blobs: Sequence[bytes], targets: np.ndarray, origin: str):
+        lengths = np.fromiter((len(b) for b in blobs), dtype=np.int64, count=len(blobs))
+        self._offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self._buffer = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.origin = origin
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        start, stop = self._offsets[index], self._offsets[index + 1]
+        try:
+            image = Image.open(io.BytesIO(self._buffer[start:stop].tobytes())).convert("RGB")
+        except (UnidentifiedImageError, OSError) as err:
+            raise ReproError(
+                f"image {index} of {self.origin} cannot be decoded ({err}); the file is corrupt: "
+                "re-download or re-copy it."
+            ) from err
+        return image, int(self.targets[index])
+
+
+class HubImages(Dataset):
+    """A Hugging Face `datasets.Dataset` read lazily (ImageNet-sized); yields `(PIL RGB, label)`."""
+
+    def __init__(self, hf_dataset: Any, image_column: str, label_column: str):
+        self.hf_dataset = hf_dataset
+        self.image_column = image_column
+        self.label_column = label_column
+
+    @property
+    def targets(self) -> list[int]:
+        return self.hf_dataset[self.label_column]
+
+    def __len__(self) -> int:
+        return len(self.hf_dataset)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        row = self.hf_dataset[int(index)]
+        return row[self.image_column].convert("RGB"), int(row[self.label_column])
+
+
+class TransformedImages(Dataset):
+    """Applies a transform to a dataset yielding `(PIL image, label)`; the base is shared, not copied."""
+
+    def __init__(self, base: Dataset, transform: Callable | None):
+        self.base = base
+        self.transform = transform
+
+    @property
+    def targets(self) -> np.ndarray:
+        return np.asarray(self.base.targets, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.base[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n={len(self)}, base={type(self.base).__name__})\n{self.transform}"
+
+
+class _OrderedImageFolder(ImageFolder):
+    """ImageFolder that keeps a dataset's standard label order when the class folders match it."""
+
+    def __init__(self, root: str, standard_classes: Sequence[str] | None = None, **kwargs):
+        self.standard_classes = standard_classes  # set first: ImageFolder.__init__ calls find_classes
+        super().__init__(root, **kwargs)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes, _ = super().find_classes(directory)
+        if self.standard_classes is not None and set(classes) == set(self.standard_classes):
+            classes = list(self.standard_classes)  # the dataset's own order, not alphabetical
+        return classes, {c: i for i, c in enumerate(classes)}
+
+
+@dataclass
+class _Tabular:
+    features: np.ndarray  # (N, D) raw
+    targets: np.ndarray  # (N,) raw
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+class TabularDataset(Dataset):
+    """Standardised features and raw targets; yields `(features (D,), target (1,))`, float32."""
+
+    def __init__(self, features: np.ndarray, targets: np.ndarray, mean: np.ndarray, std: np.ndarray):
+        self.features = torch.as_tensor((features - mean) / std, dtype=torch.float32)
+        self.targets = torch.as_tensor(targets, dtype=torch.float32).reshape(-1, 1)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.features[index], self.targets[index]
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def build_datasets(
+    name: str,
+    root: str | os.PathLike | None = None,
+    recipe: str = "default",
+    allow_download: bool = True,
+    val_split: int = 0,
+    split_seed: int = 0,
+    image_size: int | None = None,
+) -> tuple[Dataset, Dataset, DataInfo]:
+    """Build the training and evaluation datasets of a registered dataset.
+
+    Args:
+        name: registry name (see `list_datasets()`).
+        root: local folder holding the data; default `$REPRO_DATA_DIR/<name>`.
+        recipe: augmentation recipe, 'default' (the dataset's usual one), 'cifar',
+            'mixup_official' or 'deit'. Ignored for tabular data ('default' only).
+        allow_download: fall back to the public source when no local copy is found.
+        val_split: when > 0, hold out that many training examples (seeded by `split_seed`) and
+            return them, with the evaluation transform, as `eval_ds`; otherwise `eval_ds` is the
+            test split.
+        split_seed: seed of the validation hold-out.
+        image_size: output image side; None keeps the recipe's default (32 for 'cifar', 224 for
+            'deit'). With 'deit' on CIFAR this upsamples.
+
+    Returns:
+        `(train_ds, eval_ds, info)`.
+    """
+    train_ds, val_ds, test_ds, info = _build(
+        name, root, recipe, allow_download, val_split, split_seed, image_size
+    )
+    return train_ds, (val_ds if val_ds is not None else test_ds), info
+
+
+def build_test_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    recipe: str = "default",
+    allow_download: bool = True,
+    val_split: int = 0,
+    split_seed: int = 0,
+    image_size: int | None = None,
+) -> Dataset:
+    """The test split with the evaluation transform, whatever `val_split` is.
+
+    Pass the same arguments as to `build_datasets` so tabular features get the same standardisation.
+    """
+    return _build(name, root, recipe, allow_download, val_split, split_seed, image_size)[2]
+
+
+def _build(name, root, recipe, allow_download, val_split, split_seed, image_size):
+    if name not in _DATASETS:
+        raise unknown_name("dataset", name, _DATASETS)
+    raw = _DATASETS[name](Path(root).expanduser() if root is not None else None, allow_download)
+    train_idx, val_idx = _split_indices(len(raw.train), val_split, split_seed, name)
+    info = copy.copy(raw.info)
+
+    if info.task == "regression":
+        if recipe != "default":
+            raise ReproError(
+                f"dataset {name!r} is tabular and takes no augmentation recipe, got recipe={recipe!r}; "
+                "remove the recipe setting (or set it to 'default')."
+            )
+        fit_rows = raw.train.features if train_idx is None else raw.train.features[train_idx]
+        mean, std = fit_rows.mean(axis=0), fit_rows.std(axis=0)
+        std = np.where(std > 0, std, 1.0)  # a constant column stays constant instead of NaN
+        info.mean, info.std = tuple(mean.tolist()), tuple(std.tolist())
+        train_full = TabularDataset(raw.train.features, raw.train.targets, mean, std)
+        test_ds = TabularDataset(raw.test.features, raw.test.targets, mean, std)
+        if train_idx is None:
+            return train_full, None, test_ds, info
+        return Subset(train_full, train_idx), Subset(train_full, val_idx), test_ds, info
+
+    train_tf, eval_tf, info.mean, info.std, info.image_size = _make_transforms(recipe, raw, image_size)
+    test_ds = TransformedImages(raw.test, eval_tf)
+    train_ds = TransformedImages(raw.train, train_tf)
+    if train_idx is None:
+        return train_ds, None, test_ds, info
+    val_ds = Subset(TransformedImages(raw.train, eval_tf), val_idx)
+    return Subset(train_ds, train_idx), val_ds, test_ds, info
+
+
+def _split_indices(n: int, val_split: int, seed: int, name: str) -> tuple[list | None, list | None]:
+    if not isinstance(val_split, int) or isinstance(val_split, bool) or not 0 <= val_split < n:
+        raise ReproError(
+            f"val_split={val_split!r} is invalid for dataset {name!r} with {n} training examples; "
+            f"use an integer in [0, {n - 1}] (0 evaluates on the test split)."
+        )
+    if val_split == 0:
+        return None, None
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
+    return sorted(order[val_split:]), sorted(order[:val_split])
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms
+# --------------------------------------------------------------------------------------------
+
+
+def _make_transforms(recipe: str, raw: _RawSplits, image_size: int | None):
+    """Return `(train_transform, eval_transform, mean, std, output_size)` for an image dataset."""
+    if recipe == "default":
+        recipe = raw.default_recipe
+    if recipe not in RECIPES:
+        raise unknown_name("recipe", recipe, RECIPES)
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 8):
+        raise ReproError(f"image_size={image_size!r} is invalid; use an integer >= 8 (or leave it unset).")
+
+    if recipe == "deit":
+        # DeiT (facebookresearch/deit datasets.py build_transform) through timm's create_transform.
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+
+        size = image_size or 224
+        train_tf = create_transform(
+            size,
+            is_training=True,
+            auto_augment="rand-m9-mstd0.5-inc1",
+            re_prob=0.25,
+            re_mode="pixel",
+            re_count=1,
+            interpolation="bicubic",
+            mean=IMAGENET_DEFAULT_MEAN,
+            std=IMAGENET_DEFAULT_STD,
+        )
+        eval_tf = create_transform(
+            size,
+            is_training=False,
+            crop_pct=0.875,
+            interpolation="bicubic",
+            mean=IMAGENET_DEFAULT_MEAN,
+            std=IMAGENET_DEFAULT_STD,
+        )
+        return train_tf, eval_tf, tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD), size
+
+    # 'cifar' and 'mixup_official': pad-4 random crop + flip (mixup-cifar10 train.py).
+    if raw.native_size != 32:
+        raise ReproError(
+            f"recipe {recipe!r} is for 32x32 CIFAR images but dataset {raw.info.name!r} is not; "
+            "use recipe='deit' (or 'default')."
+        )
+    mean, std = (MIXUP_OFFICIAL_MEAN, MIXUP_OFFICIAL_STD) if recipe == "mixup_official" else raw.stats
+    size = image_size or 32
+    resize = [] if size == 32 else [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)]
+    train_tf = T.Compose(
+        resize
+        + [
+            T.RandomCrop(size, padding=4 * size // 32),  # padding scales with the image side
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+    eval_tf = T.Compose(resize + [T.ToTensor(), T.Normalize(mean, std)])
+    return train_tf, eval_tf, tuple(mean), tuple(std), size
+
+
+# --------------------------------------------------------------------------------------------
+# Local resolution helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _local_candidates(name: str, root: Path | None) -> tuple[list[Path], list[str]]:
+    """Folders to look in, and a human description of each for error messages."""
+    if root is not None:
+        return [root], [f"{root} (root argument / data.root)"]
+    env = os.environ.get(DATA_ROOT_ENV)
+    if env:
+        folder = Path(env).expanduser() / name
+        return [folder], [f"{folder} (${DATA_ROOT_ENV}/{name})"]
+    return [], [f"${DATA_ROOT_ENV}/{name} (${DATA_ROOT_ENV} is not set)"]
+
+
+def _parquet_files(folder: Path, split: str) -> list[Path]:
+    """`<split>.parquet`, or hub-style shards `<split>-*.parquet` in the folder or one level down."""
+    for pattern in (f"{split}.parquet", f"{split}-*.parquet", f"*/{split}-*.parquet"):
+        files = sorted(folder.glob(pattern))
+        if files:
+            return files
+    return []
+
+
+def _hf_class_names(schema: Any, label_column: str) -> tuple[str, ...] | None:
+    """Class names from the Hugging Face feature metadata that hub parquet files carry."""
+    try:
+        meta = json.loads(schema.metadata[b"huggingface"])
+        return tuple(meta["info"]["features"][label_column]["names"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _read_parquet_split(
+    files: list[Path], image_columns: Sequence[str], label_columns: Sequence[str], num_classes: int
+) -> tuple[EncodedImages, tuple[str, ...] | None]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    tables = []
+    for path in files:
+        try:
+            tables.append(pq.read_table(path))
+        except (pa.ArrowException, OSError) as err:
+            raise ReproError(
+                f"cannot read {path}: {err}. The file is truncated or corrupt; re-download it or "
+                "re-copy it from the original source."
+            ) from err
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    origin = ", ".join(str(p) for p in files)
+    image_column = next((c for c in image_columns if c in table.column_names), None)
+    label_column = next((c for c in label_columns if c in table.column_names), None)
+    if image_column is None or label_column is None:
+        raise ReproError(
+            f"{origin} has columns {table.column_names}; expected an image column "
+            f"({' or '.join(image_columns)}, a struct of bytes/path) and a label column "
+            f"({' or '.join(label_columns)}). Use the Hugging Face hub parquet layout."
+        )
+    if table.num_rows == 0:
+        raise ReproError(f"{origin} has no rows; re-download or re-copy it.")
+    images = table.column(image_column).combine_chunks()
+    blobs = pc.struct_field(images, "bytes") if pa.types.is_struct(images.type) else images
+    if blobs.null_count:
+        raise ReproError(
+            f"{origin}: {blobs.null_count} rows of column {image_column!r} hold no image bytes "
+            "(only a path); re-export the parquet with embedded images."
+        )
+    labels = table.column(label_column)
+    if labels.null_count:
+        raise ReproError(f"{origin}: {labels.null_count} rows have no label; re-download or re-copy it.")
+    targets = labels.to_numpy().astype(np.int64)
+    if targets.min() < 0 or targets.max() >= num_classes:
+        raise ReproError(
+            f"{origin}: labels range over [{targets.min()}, {targets.max()}] but the dataset has "
+            f"{num_classes} classes (0..{num_classes - 1}); this is not the expected dataset, check "
+            "the files or the dataset name."
+        )
+    return EncodedImages(blobs.to_pylist(), targets, origin), _hf_class_names(table.schema, label_column)
+
+
+def _image_folder_splits(
+    folder: Path, train_split: str, test_split: str, standard_classes: Sequence[str] | None
+) -> tuple[Dataset, Dataset, tuple[str, ...]]:
+    """torchvision ImageFolder over `folder/<split>/<class>/*`; standard class order when it applies."""
+    try:
+        train = _OrderedImageFolder(str(folder / train_split), standard_classes)
+        test = _OrderedImageFolder(str(folder / test_split), standard_classes)
+    except (FileNotFoundError, OSError) as err:
+        raise ReproError(
+            f"image folder {folder} is incomplete ({err}); it needs {train_split}/<class>/*.jpg|png and "
+            f"{test_split}/<class>/*.jpg|png."
+        ) from err
+    if test.classes != train.classes:
+        raise ReproError(
+            f"{folder}/{test_split} has classes {test.classes} but {folder}/{train_split} has "
+            f"{train.classes}; both splits need the same class folders."
+        )
+    return train, test, tuple(train.classes)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _cache_dir(name: str) -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mixrepro" / name
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _CifarSpec:
+    name: str
+    title: str
+    num_classes: int
+    hub_id: str
+    label_columns: tuple[str, ...]
+    mean: tuple
+    std: tuple
+    standard_classes: tuple[str, ...] | None
+    torchvision_folder: str  # the extracted python-pickle layout torchvision downloads
+    torchvision_class: str
+    image_columns: tuple[str, ...] = field(default=("img", "image"))
+
+
+_CIFAR10 = _CifarSpec(
+    "cifar10", "CIFAR-10", 10, "uoft-cs/cifar10", ("label",), CIFAR10_MEAN, CIFAR10_STD,
+    CIFAR10_CLASSES, "cifar-10-batches-py", "CIFAR10",
+)  # fmt: skip
+_CIFAR100 = _CifarSpec(
+    "cifar100", "CIFAR-100", 100, "uoft-cs/cifar100", ("fine_label", "label"), CIFAR100_MEAN,
+    CIFAR100_STD, None, "cifar-100-python", "CIFAR100",
+)  # fmt: skip
+
+
+def _cifar_raw(spec: _CifarSpec, train, test, source: str, classes) -> _RawSplits:
+    info = DataInfo(spec.name, "classification", spec.num_classes, 32, None, None, source, classes)
+    return _RawSplits(train, test, info, "cifar", 32, (spec.mean, spec.std))
+
+
+def _load_cifar_local(spec: _CifarSpec, folder: Path) -> _RawSplits | None:
+    """Load a CIFAR copy from `folder` in any accepted layout; None if the folder holds none."""
+    train_files, test_files = _parquet_files(folder, "train"), _parquet_files(folder, "test")
+    if train_files or test_files:
+        if not (train_files and test_files):
+            missing = "test" if train_files else "train"
+            raise ReproError(
+                f"{folder} has {'train' if train_files else 'test'} parquet data but no {missing}.parquet; "
+                f"copy both train.parquet and test.parquet of {spec.title} there."
+            )
+        train, classes = _read_parquet_split(
+            train_files, spec.image_columns, spec.label_columns, spec.num_classes
+        )
+        test, _ = _read_parquet_split(test_files, spec.image_columns, spec.label_columns, spec.num_classes)
+        source = "parquet:" + ",".join(str(p) for p in train_files + test_files)
+        return _cifar_raw(spec, train, test, source, classes or spec.standard_classes)
+    if (folder / "train").is_dir() and (folder / "test").is_dir():
+        train, test, classes = _image_folder_splits(folder, "train", "test", spec.standard_classes)
+        if len(classes) != spec.num_classes:
+            raise ReproError(
+                f"{folder}/train has {len(classes)} class folders but {spec.title} has {spec.num_classes}; "
+                "check the folder or the dataset name."
+            )
+        return _cifar_raw(spec, train, test, f"imagefolder:{folder}", classes)
+    if (folder / spec.torchvision_folder).is_dir():
+        return _load_cifar_torchvision(spec, folder, download=False)
+    return None
+
+
+def _load_cifar_torchvision(spec: _CifarSpec, folder: Path, download: bool) -> _RawSplits:
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, spec.torchvision_class)
+    train = cls(str(folder), train=True, download=download)
+    test = cls(str(folder), train=False, download=download)
+    return _cifar_raw(
+        spec, train, test, f"torchvision:{folder / spec.torchvision_folder}", tuple(train.classes)
+    )
+
+
+def _load_from_hub(hub_id: str) -> Any:
+    import datasets
+
+    return datasets.load_dataset(hub_id)
+
+
+def _load_cifar_hub(spec: _CifarSpec) -> _RawSplits:
+    import pyarrow.compute as pc
+
+    dataset_dict = _load_from_hub(spec.hub_id)
+    splits = []
+    for split in ("train", "test"):
+        table = dataset_dict[split].with_format("arrow")[:]  # the stored bytes, not decoded images
+        image_column = next(c for c in spec.image_columns if c in table.column_names)
+        label_column = next(c for c in spec.label_columns if c in table.column_names)
+        images = table.column(image_column).combine_chunks()
+        blobs = pc.struct_field(images, "bytes").to_pylist()
+        targets = table.column(label_column).to_numpy()
+        splits.append(EncodedImages(blobs, targets, f"hub:{spec.hub_id}/{split}"))
+    classes = dataset_dict["train"].features[label_column].names
+    return _cifar_raw(spec, splits[0], splits[1], f"hub:{spec.hub_id}", tuple(classes))
+
+
+def _resolve_cifar(spec: _CifarSpec, root: Path | None, allow_download: bool) -> _RawSplits:
+    folders, tried = _local_candidates(spec.name, root)
+    for folder in folders:
+        if folder.is_dir():
+            raw = _load_cifar_local(spec, folder)
+            if raw is not None:
+                return raw
+    failures = []
+    if allow_download:
+        try:
+            return _load_cifar_hub(spec)
+        # Hub failures come as requests, httpx, huggingface_hub and datasets errors with no
+        # common base class; any of them means "not available from here", so try the next source.
+        except Exception as err:  # noqa: BLE001
+            failures.append(f"Hugging Face hub {spec.hub_id!r}: {type(err).__name__}: {err}")
+        if spec is _CIFAR100:
+            target = folders[0] if folders else _cache_dir(spec.name)
+            try:
+                return _load_cifar_torchvision(spec, target, download=True)
+            except (OSError, RuntimeError) as err:  # network errors; RuntimeError: bad checksum
+                failures.append(f"torchvision download into {target}: {type(err).__name__}: {err}")
+    else:
+        failures.append("downloads disabled (allow_download=False)")
+    raise ReproError(
+        f"{spec.title} not found. Tried: {'; '.join(tried + failures)}. Fix: put train.parquet and "
+        f"test.parquet (Hugging Face {spec.hub_id} layout) or an image-folder tree train/<class>/, "
+        f"test/<class>/ in ${DATA_ROOT_ENV}/{spec.name}/, or set data.root to such a folder"
+        + ("" if allow_download else f", or allow downloads to fetch {spec.hub_id} from the hub")
+        + "."
+    )
+
+
+@register_dataset("cifar10")
+def _cifar10(root: Path | None, allow_download: bool) -> _RawSplits:
+    return _resolve_cifar(_CIFAR10, root, allow_download)
+
+
+@register_dataset("cifar100")
+def _cifar100(root: Path | None, allow_download: bool) -> _RawSplits:
+    return _resolve_cifar(_CIFAR100, root, allow_download)
+
+
+@register_dataset("cifar10-mini")
+def _cifar10_mini(root: Path | None, allow_download: bool) -> _RawSplits:
+    """1,000/200 balanced CIFAR-10 sample committed for tests and smoke runs."""
+    folder = root if root is not None else CIFAR10_MINI_DIR
+    raw = _load_cifar_local(_CIFAR10, folder) if folder.is_dir() else None
+    if raw is None:
+        raise ReproError(
+            f"cifar10-mini not found in {folder}; regenerate it with `python scripts/make_cifar10_mini.py` "
+            "(needs the full CIFAR-10 parquet copy) or restore tests/data/cifar10-mini/ from git."
+        )
+    raw.info.name = "cifar10-mini"
+    return raw
+
+
+# --------------------------------------------------------------------------------------------
+# ImageNet
+# --------------------------------------------------------------------------------------------
+
+IMAGENET_HUB_ID = "ILSVRC/imagenet-1k"
+
+
+@register_dataset("imagenet")
+def _imagenet(root: Path | None, allow_download: bool) -> _RawSplits:
+    folders, tried = _local_candidates("imagenet", root)
+    for folder in folders:
+        if (folder / "train").is_dir() and (folder / "val").is_dir():
+            train, test, classes = _image_folder_splits(folder, "train", "val", None)
+            info = DataInfo("imagenet", "classification", len(classes), None, None, None,
+                            f"imagefolder:{folder}", classes)  # fmt: skip
+            return _RawSplits(train, test, info, "deit")
+    failures = []
+    if allow_download:
+        try:
+            dataset_dict = _load_from_hub(IMAGENET_HUB_ID)
+            train = HubImages(dataset_dict["train"], "image", "label")
+            test = HubImages(dataset_dict["validation"], "image", "label")
+            classes = tuple(dataset_dict["train"].features["label"].names)
+            info = DataInfo("imagenet", "classification", len(classes), None, None, None,
+                            f"hub:{IMAGENET_HUB_ID}", classes)  # fmt: skip
+            return _RawSplits(train, test, info, "deit")
+        except Exception as err:  # noqa: BLE001 -- as in _resolve_cifar: hub errors share no base class
+            failures.append(f"Hugging Face hub {IMAGENET_HUB_ID!r}: {type(err).__name__}: {err}")
+    else:
+        failures.append("downloads disabled (allow_download=False)")
+    raise ReproError(
+        f"ImageNet-1k not found. Tried: {'; '.join(tried + failures)}. Fix: put the ILSVRC-2012 images "
+        f"as train/<wnid>/*.JPEG and val/<wnid>/*.JPEG in ${DATA_ROOT_ENV}/imagenet/ or set data.root "
+        f"to such a folder; or, for the hub copy {IMAGENET_HUB_ID} (gated), accept its terms on "
+        "huggingface.co, log in with `huggingface-cli login` (or set HF_TOKEN) and allow downloads."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# UCI Airfoil Self-Noise (regression)
+# --------------------------------------------------------------------------------------------
+
+
+def _read_airfoil(path: Path) -> np.ndarray:
+    try:
+        table = np.loadtxt(path, dtype=np.float64, ndmin=2)
+    except ValueError as err:
+        raise ReproError(
+            f"cannot parse {path} ({err}); it should be the UCI file: 6 whitespace-separated numeric "
+            f"columns, no header. Re-download it from {AIRFOIL_URL}."
+        ) from err
+    if table.shape[0] == 0 or table.shape[1] != 6:
+        raise ReproError(
+            f"{path} has shape {table.shape}, expected (1503, 6); re-download it from {AIRFOIL_URL}."
+        )
+    return table
+
+
+def _download(url: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(target.suffix + ".part")
+    with urllib.request.urlopen(url, timeout=10) as response:
+        partial.write_bytes(response.read())
+    partial.replace(target)  # atomic: an interrupted download never leaves a truncated file
+
+
+@register_dataset("airfoil")
+def _airfoil(root: Path | None, allow_download: bool) -> _RawSplits:
+    folders, tried = _local_candidates("airfoil", root)
+    cache = _cache_dir("airfoil") / AIRFOIL_FILE
+    candidates = [f if f.suffix == ".dat" else f / AIRFOIL_FILE for f in folders] + [cache]
+    tried = tried + [f"{cache} (download cache)"]
+    path = next((p for p in candidates if p.is_file()), None)
+    failures = []
+    if path is None and allow_download:
+        try:
+            _download(AIRFOIL_URL, cache)
+            path = cache
+        except (OSError, ValueError) as err:  # URLError and timeouts are OSErrors
+            failures.append(f"download {AIRFOIL_URL}: {type(err).__name__}: {err}")
+    elif path is None:
+        failures.append("downloads disabled (allow_download=False)")
+    if path is None:
+        raise ReproError(
+            f"UCI Airfoil Self-Noise not found. Tried: {'; '.join(tried + failures)}. Fix: put "
+            f"{AIRFOIL_FILE} in ${DATA_ROOT_ENV}/airfoil/ or set data.root to its folder "
+            f"(download it from {AIRFOIL_URL})."
+        )
+    table = _read_airfoil(path)
+    # A seeded 80/20 permutation split for now; the C-Mixup official split will replace it when the
+    # C-Mixup paper package lands, so numbers from this split are not comparable with the paper.
+    order = np.random.default_rng(AIRFOIL_SPLIT_SEED).permutation(len(table))
+    n_train = round(0.8 * len(table))
+    train = _Tabular(table[order[:n_train], :5], table[order[:n_train], 5])
+    test = _Tabular(table[order[n_train:], :5], table[order[n_train:], 5])
+    info = DataInfo("airfoil", "regression", 1, None, None, None, f"file:{path} sha256={_sha256(path)}")
+    return _RawSplits(train, test, info)

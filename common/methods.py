@@ -1,0 +1,174 @@
+"""The method contract: the trainer owns the loop, a method owns one training step.
+
+A method is a class registered by name with `@register_method`. It declares its options as a
+dataclass `Params` (unknown keys are errors) and what it needs from the trainer in `needs`
+(e.g. ``{"attention"}``); the trainer never branches on a method's name.
+
+`step(model, batch, ctx)` returns a dict with at least ``loss`` (a scalar tensor to back-propagate)
+and ``logits``; any other float entries are logged as training scalars (averaged over the epoch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from common.config import build_dataclass
+from common.errors import ReproError, unknown_name
+from common.mixing import apply_mix, draw_mix, smooth_one_hot, soft_target_cross_entropy
+
+METHODS: dict[str, type[Method]] = {}
+
+
+@dataclass
+class StepContext:
+    """What a method may know about the step it is running."""
+
+    epoch: int
+    step: int  # global batch counter (micro-batches), from 0
+    progress: float  # fraction of training done, in [0, 1]
+    generator: torch.Generator  # CPU generator: the only source of a method's randomness
+    extras: dict = field(default_factory=dict)  # things the method declared in `needs`
+
+
+def register_method(name: str):
+    """Class decorator adding a method to the registry under `name` (a duplicate is an error)."""
+
+    def wrap(cls):
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is registered twice ({METHODS[name].__module__}, {cls.__module__}).")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def list_methods() -> list[str]:
+    _import_papers()
+    return sorted(METHODS)
+
+
+def _import_papers() -> None:
+    import papers  # noqa: F401  (importing the package registers every paper's methods)
+
+
+def build_method(options: dict, num_classes: int, label_smoothing: float = 0.0, task: str = "classification"):
+    """Instantiate the method named by ``options['name']`` with the rest as its Params."""
+    _import_papers()
+    options = dict(options)
+    name = options.pop("name", None)
+    if name not in METHODS:
+        raise unknown_name("method", name, METHODS)
+    cls = METHODS[name]
+    params = build_dataclass(cls.Params, options, prefix="method.")
+    return cls(params, num_classes=num_classes, label_smoothing=label_smoothing, task=task)
+
+
+class Method:
+    """Base class. Subclasses set `Params` and implement `step`."""
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    @dataclass
+    class Params:
+        pass
+
+    def __init__(self, params, num_classes: int, label_smoothing: float = 0.0, task: str = "classification"):
+        self.params = params
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+        self.task = task
+
+    def options(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self.params)}
+
+    def step(self, model, batch, ctx: StepContext) -> dict:
+        raise NotImplementedError
+
+    def mix(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+        """Mixed images and soft targets for one batch, for figures; identity for non-mixing methods."""
+        return images, smooth_one_hot(labels, self.num_classes, self.label_smoothing)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@register_method("erm")
+class ERM(Method):
+    """Plain training: cross-entropy (label smoothing in the loss, as torchvision does), or MSE for regression."""
+
+    def step(self, model, batch, ctx):
+        inputs, targets = batch
+        logits = model(inputs)
+        if self.task == "regression":
+            loss = F.mse_loss(logits.float().view_as(targets), targets.float())
+        else:
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+        return {"loss": loss, "logits": logits}
+
+
+class MixCutMix(Method):
+    """Mixup and/or CutMix with timm `Mixup`'s semantics, built from `common.mixing` primitives.
+
+    Per batch (or pair/element): gate `rand < prob`; branch `rand < switch_prob` chooses CutMix when both
+    alphas are positive; `lam ~ Beta(alpha, alpha)`; CutMix box from `lam` and a uniform centre, lambda
+    corrected to the pasted area. Label smoothing lives in the mixed target (timm). Presets for the
+    papers subclass this and change only the defaults.
+    """
+
+    @dataclass
+    class Params:
+        mixup_alpha: float = 0.8
+        cutmix_alpha: float = 1.0
+        prob: float = 1.0
+        switch_prob: float = 0.5
+        mode: str = "batch"  # batch | pair | elem
+        partner: str = "flip"  # flip (timm) | randperm (official Mixup / CutMix code)
+        correct_lam: bool = True
+
+    def __init__(self, params, num_classes, label_smoothing=0.0, task="classification"):
+        super().__init__(params, num_classes, label_smoothing, task)
+        if task != "classification":
+            raise ReproError(f"method {self.name!r} mixes class labels; it needs a classification dataset.")
+        p = self.params
+        if p.mixup_alpha <= 0 and p.cutmix_alpha <= 0:
+            raise ReproError(f"method {self.name!r} needs mixup_alpha > 0 or cutmix_alpha > 0.")
+        for key in ("prob", "switch_prob"):
+            if not 0.0 <= getattr(p, key) <= 1.0:
+                raise ReproError(f"method.{key} must be in [0, 1], got {getattr(p, key)}.")
+
+    def draw(self, generator, batch_size, image_hw):
+        p = self.params
+        return draw_mix(
+            generator, batch_size, image_hw, p.mixup_alpha, p.cutmix_alpha,
+            prob=p.prob, switch_prob=p.switch_prob, mode=p.mode, partner=p.partner,
+        )
+
+    def mix(self, images, labels, generator):
+        draws = self.draw(generator, images.shape[0], images.shape[-2:])
+        target = smooth_one_hot(labels, self.num_classes, self.label_smoothing)
+        x_mix, t_mix, _, _ = apply_mix(images, target, draws, correct_lam=self.params.correct_lam)
+        return x_mix, t_mix
+
+    def step(self, model, batch, ctx):
+        images, labels = batch
+        draws = self.draw(ctx.generator, images.shape[0], images.shape[-2:])
+        target = smooth_one_hot(labels, self.num_classes, self.label_smoothing)
+        x_mix, t_mix, lam, _ = apply_mix(images, target, draws, correct_lam=self.params.correct_lam)
+        logits = model(x_mix)
+        loss = soft_target_cross_entropy(logits, t_mix)
+        return {"loss": loss, "logits": logits, "lam": float(lam.mean())}
+
+
+@register_method("mixup_cutmix")
+class TimmMixupCutMix(MixCutMix):
+    """DeiT's baseline: timm Mixup 0.8 + CutMix 1.0, switch 0.5, flip partners, smoothing in the target."""

@@ -1,0 +1,394 @@
+"""The shared trainer: ``python -m common.train --config FILE [--method LABEL] [--output DIR] key.sub=value ...``.
+
+Also runs under ``accelerate launch -m common.train ...`` (multi-GPU, mixed precision). One run writes
+one folder: ``config.yaml`` (resolved), ``log.jsonl`` (one line per epoch), ``checkpoint/last.pt``
+(resumable state), and at the very end ``provenance.json`` then ``metrics.json``. A folder with
+``metrics.json`` is a finished run: running the same command again does nothing, and a different config
+is refused rather than overwriting it. A killed run resumes from its last checkpoint when the same
+command is run again, and ends with the same weights as an uninterrupted one: every random stream
+(data order, augmentation, mixing, drop-path) is re-seeded per epoch from (seed, epoch, rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+from common.config import RunConfig, config_hash, dump_yaml, load_config
+from common.errors import ReproError
+from common.methods import StepContext, build_method
+from common.provenance import provenance
+
+CHECKPOINT = "checkpoint/last.pt"
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def derived_seed(seed: int, epoch: int, rank: int, stream: int) -> int:
+    """A distinct, reproducible seed per (run seed, epoch, process, stream)."""
+    return (seed * 1_000_003 + epoch * 10_007 + rank * 101 + stream) % (2**31 - 1)
+
+
+def seed_globals(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    import timm.optim
+
+    o = cfg.optim
+    if o.name == "sgd":
+        # timm's 'sgd' is Nesterov and 'momentum' is plain heavy-ball SGD
+        opt, extra = ("sgd" if o.nesterov else "momentum"), {}
+    elif o.name == "adamw":
+        opt, extra = "adamw", {"betas": tuple(o.betas), "eps": o.eps}
+    else:
+        raise ReproError(f"optim.name must be 'sgd' or 'adamw', got {o.name!r}.")
+    return timm.optim.create_optimizer_v2(
+        model, opt=opt, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
+        filter_bias_and_bn=o.no_decay_1d, **extra,
+    )
+
+
+def build_scheduler(optimizer, cfg: RunConfig, updates_per_epoch: int):
+    """timm scheduler in units of epochs (per='epoch') or optimiser updates (per='step')."""
+    from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, StepLRScheduler
+
+    s, epochs = cfg.schedule, cfg.train.epochs
+    unit = 1 if s.per == "epoch" else updates_per_epoch
+    in_epochs = s.per == "epoch"
+    warmup = round(s.warmup_epochs * unit)
+    if s.name == "cosine":
+        return CosineLRScheduler(
+            optimizer, t_initial=epochs * unit, lr_min=s.min_lr, warmup_t=warmup,
+            warmup_lr_init=s.warmup_lr, t_in_epochs=in_epochs,
+        )
+    if s.name == "multistep":
+        if not s.milestones:
+            raise ReproError("schedule.name=multistep needs schedule.milestones (epochs), e.g. [100, 150].")
+        return MultiStepLRScheduler(
+            optimizer, decay_t=[int(m * unit) for m in s.milestones], decay_rate=s.gamma,
+            warmup_t=warmup, warmup_lr_init=s.warmup_lr, t_in_epochs=in_epochs,
+        )
+    if s.name == "constant":
+        return StepLRScheduler(optimizer, decay_t=10**9, decay_rate=1.0, warmup_t=warmup,
+                               warmup_lr_init=s.warmup_lr, t_in_epochs=in_epochs)
+    raise ReproError(f"schedule.name must be cosine, multistep or constant, got {s.name!r}.")
+
+
+def make_train_loader(dataset, cfg: RunConfig, epoch: int, accelerator) -> DataLoader:
+    """A loader whose order and worker seeds depend only on (seed, epoch): resumable at epoch bounds."""
+    generator = torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, 0, 1))
+    sampler = None
+    if accelerator.num_processes > 1:
+        sampler = DistributedSampler(dataset, num_replicas=accelerator.num_processes,
+                                     rank=accelerator.process_index, shuffle=True, seed=cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+    return DataLoader(
+        dataset, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
+        generator=generator, num_workers=cfg.data.num_workers, drop_last=True,
+        pin_memory=torch.cuda.is_available(), persistent_workers=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def evaluate(model, loader, accelerator, task: str) -> dict:
+    from common.metrics import classification_metrics, regression_metrics
+
+    model.eval()
+    outputs, targets = [], []
+    for inputs, target in loader:
+        with accelerator.autocast():
+            out = model(inputs)
+        out, target = accelerator.gather_for_metrics((out.float(), target))
+        outputs.append(out.cpu())
+        targets.append(target.cpu())
+    outputs, targets = torch.cat(outputs), torch.cat(targets)
+    if task == "regression":
+        return regression_metrics(outputs, targets)
+    return classification_metrics(outputs, targets)
+
+
+PRIMARY = {"classification": ("top1", max), "regression": ("rmse", min)}
+
+
+def summarise(history: list[dict], split: str, task: str) -> dict:
+    """metrics.json: final epoch, best epoch by the primary metric, and median of the last 10 evaluations."""
+    key, better = PRIMARY[task]
+    evals = [h for h in history if f"{split}_{key}" in h]
+    final = {k[len(split) + 1:]: v for k, v in evals[-1].items() if k.startswith(split + "_")}
+    best_row = better(evals, key=lambda h: h[f"{split}_{key}"])
+    best = {k[len(split) + 1:]: v for k, v in best_row.items() if k.startswith(split + "_")}
+    last10 = [h[f"{split}_{key}"] for h in evals[-10:]]
+    return {
+        "task": task, "eval_split": split, "primary_metric": key,
+        "final": final, "final_epoch": evals[-1]["epoch"],
+        "best": best, "best_epoch": best_row["epoch"],
+        f"median_last10_{key}": statistics.median(last10), "n_evals_in_median": len(last10),
+    }
+
+
+# --------------------------------------------------------------------------------------- checkpointing
+def save_checkpoint(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill mid-save leaves the previous checkpoint intact
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------ train
+def check_output_dir(out: Path, digest: str) -> bool:
+    """True if `out` already holds this exact finished run; refuse to touch a different finished run."""
+    metrics, prov = out / "metrics.json", out / "provenance.json"
+    if not metrics.exists():
+        return False
+    try:
+        done_hash = json.loads(prov.read_text()).get("config_hash")
+    except (OSError, ValueError):
+        done_hash = None
+    if done_hash == digest:
+        return True
+    raise ReproError(
+        f"{out} already holds a finished run with a different config (hash {done_hash} vs {digest}). "
+        "Finished results are never overwritten: pass another --output, or delete that folder to retrain."
+    )
+
+
+def train(cfg: RunConfig, out: Path, command: str) -> dict:
+    """Train and evaluate one run into `out`; returns the metrics dict."""
+    from accelerate import Accelerator
+
+    from common.data import build_datasets
+    from common.models import build_model
+
+    digest = config_hash(cfg)
+    # validate everything cheap before the output folder is touched
+    build_method(cfg.method, num_classes=2, label_smoothing=cfg.train.label_smoothing)  # name and options
+    if check_output_dir(out, digest):
+        print(f"[repro] {out}: finished run with the same config already there; nothing to do.")
+        return json.loads((out / "metrics.json").read_text())
+    d = cfg.data
+    train_ds, eval_ds, info = build_datasets(
+        d.name, root=d.root, recipe=d.recipe, allow_download=d.allow_download,
+        val_split=d.val_split, split_seed=d.split_seed, image_size=d.image_size,
+    )
+    method = build_method(cfg.method, num_classes=info.num_classes,
+                          label_smoothing=cfg.train.label_smoothing, task=info.task)
+    model_kwargs = dict(cfg.model.kwargs)
+    seed_globals(derived_seed(cfg.seed, 0, 0, 0))  # model init depends on the seed only
+    model = build_model(cfg.model.name, num_classes=info.num_classes, **model_kwargs)
+    if len(train_ds) < cfg.train.batch_size:
+        raise ReproError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(train_ds)} training examples.")
+
+    accelerator = Accelerator(mixed_precision=cfg.train.precision,
+                              gradient_accumulation_steps=cfg.train.grad_accum)
+    main = accelerator.is_main_process
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / CHECKPOINT
+    if main:
+        (out / "config.yaml").write_text(dump_yaml(cfg))
+
+    steps_per_epoch = len(train_ds) // (cfg.train.batch_size * accelerator.num_processes)
+    if cfg.train.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
+    updates_per_epoch = max(1, steps_per_epoch // cfg.train.grad_accum)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, updates_per_epoch)
+    eval_loader = DataLoader(eval_ds, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
+                             shuffle=False, num_workers=cfg.data.num_workers)
+    model, optimizer, eval_loader = accelerator.prepare(model, optimizer, eval_loader)
+    ema = None
+    if cfg.train.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.train.ema_decay)
+
+    start_epoch, updates, history, wall_before = 0, 0, [], 0.0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if state["config_hash"] != digest:
+            raise ReproError(
+                f"{ckpt_path} was written by a different config (hash {state['config_hash']} vs {digest}); "
+                "resume needs the same config. Delete the checkpoint folder to start over, or use another --output."
+            )
+        accelerator.unwrap_model(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        method.load_state_dict(state.get("method", {}))
+        set_rng_state(state["rng"])
+        start_epoch, updates, history = state["epoch"], state["updates"], state["history"]
+        wall_before = state["wall_time_s"]
+        if main:
+            print(f"[repro] resuming {out} from epoch {start_epoch} (checkpoint {ckpt_path})")
+    if main:  # the log holds exactly the epochs the model state has seen
+        (out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+
+    split = "val" if cfg.data.val_split else "test"
+    epochs = cfg.train.epochs
+    total_steps = epochs * steps_per_epoch
+    started = time.time()
+    bar = tqdm(range(start_epoch, epochs), desc=f"{cfg.experiment or 'run'}/{method.name}/seed{cfg.seed}",
+               initial=start_epoch, total=epochs, unit="epoch", disable=not main, dynamic_ncols=True)
+    for epoch in bar:
+        seed_globals(derived_seed(cfg.seed, epoch, accelerator.process_index, 2))
+        generator = torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, accelerator.process_index, 3))
+        scheduler.step(epoch)
+        model.train()
+        loader = make_train_loader(train_ds, cfg, epoch, accelerator)
+        sums, count, t0 = {}, 0, time.time()
+        steps = tqdm(loader, total=steps_per_epoch, leave=False, disable=not main, unit="batch",
+                     desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True)
+        for i, (inputs, targets) in enumerate(steps):
+            if i >= steps_per_epoch:
+                break
+            inputs = inputs.to(accelerator.device, non_blocking=True)
+            targets = targets.to(accelerator.device, non_blocking=True)
+            step = epoch * steps_per_epoch + i
+            ctx = StepContext(epoch=epoch, step=step, progress=step / max(1, total_steps), generator=generator)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    result = method.step(model, (inputs, targets), ctx)
+                loss = result["loss"]
+                if not torch.isfinite(loss.detach()):
+                    raise ReproError(
+                        f"the training loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1} "
+                        f"(lr {optimizer.param_groups[0]['lr']:.3g}). The last checkpoint in {out / 'checkpoint'} "
+                        "is kept. Lower optim.lr, set train.clip_grad, or use train.precision=no; then delete "
+                        "the checkpoint folder (the config changed) and run again."
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.train.clip_grad:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                updates += 1
+                scheduler.step_update(updates)
+                if ema is not None:
+                    ema.update(accelerator.unwrap_model(model), step=updates)
+            for key, value in result.items():
+                if key != "logits":
+                    sums[key] = sums.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
+            count += 1
+            if main and i % 10 == 0:
+                steps.set_postfix(loss=f"{float(loss):.3f}")
+        steps.close()
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": round(time.time() - t0, 3)}
+        row.update({f"train_{k}": v / max(1, count) for k, v in sums.items()})
+        last = epoch + 1 == epochs
+        if last or (epoch + 1) % cfg.train.eval_every == 0:
+            row.update({f"{split}_{k}": v for k, v in evaluate(model, eval_loader, accelerator, info.task).items()})
+            if ema is not None:
+                ema_metrics = evaluate(ema.module, eval_loader, accelerator, info.task)
+                row.update({f"{split}_ema_{k}": v for k, v in ema_metrics.items()})
+        history.append(row)
+        if main:
+            with open(out / "log.jsonl", "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            shown = " ".join(f"{k.removeprefix(split + '_')} {v:.4g}" for k, v in row.items()
+                             if k.startswith(split + "_"))
+            tqdm.write(f"epoch {epoch + 1:>4}/{epochs}  lr {row['lr']:.4g}  loss {row.get('train_loss', 0):.4f}  "
+                       f"{split}: {shown}  ({row['epoch_time_s']:.1f} s)")
+        if last or (epoch + 1) % cfg.train.checkpoint_every == 0:
+            accelerator.wait_for_everyone()
+            if main:
+                save_checkpoint(ckpt_path, {
+                    "config_hash": digest, "epoch": epoch + 1, "updates": updates, "history": history,
+                    "model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                    "ema": ema.state_dict() if ema is not None else None, "method": method.state_dict(),
+                    "rng": rng_state(), "wall_time_s": wall_before + time.time() - started,
+                })
+    bar.close()
+    metrics = summarise(history, split, info.task)
+    if ema is not None:
+        metrics["final_ema"] = {k[len(split) + 5:]: v for k, v in history[-1].items() if k.startswith(split + "_ema_")}
+    wall = wall_before + time.time() - started
+    metrics.update({"epochs": epochs, "wall_time_s": round(wall, 3), "scale": cfg.scale,
+                    "dataset": info.name, "model": cfg.model.name, "method": method.name, "seed": cfg.seed})
+    if main:
+        write_json(out / "provenance.json", provenance(
+            digest, wall, accelerator.num_processes,
+            extra={"command": command, "data_source": info.source, "experiment": cfg.experiment,
+                   "paper": cfg.paper, "scale": cfg.scale},
+        ))
+        write_json(out / "metrics.json", metrics)  # written last: its presence means "finished"
+        print(f"[repro] finished {out} in {wall / 60:.1f} min: "
+              f"{metrics['primary_metric']} final {metrics['final'][metrics['primary_metric']]:.4g}")
+    accelerator.end_training()
+    return metrics
+
+
+def default_output(cfg: RunConfig) -> Path:
+    return Path("runs") / (cfg.experiment or "run") / str(cfg.method["name"]) / f"seed{cfg.seed}"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m common.train",
+        description="Train and evaluate one run. Overrides are dotted keys: train.epochs=10 optim.lr=0.05",
+    )
+    parser.add_argument("--config", help="experiment YAML (papers/<paper>/configs/<scale>/<experiment>.yaml)")
+    parser.add_argument("--method", help="label of one entry of the experiment's 'methods' grid")
+    parser.add_argument("--output", help="run folder (default: output_dir, else runs/<experiment>/<method>/seed<k>)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, method_label=args.method)
+        out = Path(args.output or cfg.output_dir or default_output(cfg))
+        train(cfg, out, command="python -m common.train " + " ".join(argv))
+    except ReproError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume from the last checkpoint.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

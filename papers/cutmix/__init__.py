@@ -1,0 +1,3 @@
+from papers.cutmix.method import CutMix
+
+__all__ = ["CutMix"]

@@ -1,0 +1,3 @@
+from papers.mixup.method import Mixup
+
+__all__ = ["Mixup"]
