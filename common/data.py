@@ -51,7 +51,7 @@ CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 # many CIFAR repos copied); `recipe='mixup_official'` keeps it to match the official numbers.
 MIXUP_OFFICIAL_MEAN, MIXUP_OFFICIAL_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
-RECIPES = ("cifar", "mixup_official", "deit")
+RECIPES = ("cifar", "mixup_official", "deit", "deit_noerase")
 AIRFOIL_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/00291/airfoil_self_noise.dat"
 AIRFOIL_FILE = "airfoil_self_noise.dat"
 AIRFOIL_SPLIT_SEED = 0  # fixed so every run and method sees the same 80/20 split
@@ -346,19 +346,22 @@ def _make_transforms(recipe: str, raw: _RawSplits, image_size: int | None):
     if image_size is not None and (not isinstance(image_size, int) or image_size < 8):
         raise ReproError(f"image_size={image_size!r} is invalid; use an integer >= 8 (or leave it unset).")
 
-    if recipe == "deit":
+    if recipe in ("deit", "deit_noerase"):
         # DeiT (facebookresearch/deit datasets.py build_transform) through timm's create_transform.
+        # 'deit_noerase' is the released TransMix recipe: timm 0.5.4 train.py defaults, i.e. no random
+        # erasing and a random train interpolation (transmix.md §3).
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 
+        release = recipe == "deit_noerase"
         size = image_size or 224
         train_tf = create_transform(
             size,
             is_training=True,
             auto_augment="rand-m9-mstd0.5-inc1",
-            re_prob=0.25,
+            re_prob=0.0 if release else 0.25,
             re_mode="pixel",
             re_count=1,
-            interpolation="bicubic",
+            interpolation="random" if release else "bicubic",
             mean=IMAGENET_DEFAULT_MEAN,
             std=IMAGENET_DEFAULT_STD,
         )

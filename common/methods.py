@@ -95,6 +95,13 @@ class Method:
         """Mixed images and soft targets for one batch, for figures; identity for non-mixing methods."""
         return images, smooth_one_hot(labels, self.num_classes, self.label_smoothing)
 
+    def check_model(self, model) -> None:
+        """Raise ReproError if `model` cannot give what this method needs (e.g. attention maps)."""
+
+    def epoch_stats(self) -> dict | None:
+        """Per-epoch statistics the method gathered (logged under 'method_stats'), then reset; None if none."""
+        return None
+
     def state_dict(self) -> dict:
         return {}
 

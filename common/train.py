@@ -171,8 +171,19 @@ def write_json(path: Path, data) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ train
-def check_output_dir(out: Path, digest: str) -> bool:
-    """True if `out` already holds this exact finished run; refuse to touch a different finished run."""
+def supersede(out: Path, old_hash: str | None) -> None:
+    """Move an older config's run files aside (never delete them) so a new config can start afresh."""
+    keep = out / f"superseded-{old_hash or 'unknown'}"
+    keep.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.json", "provenance.json", "log.jsonl", "config.yaml", CHECKPOINT):
+        if (out / name).exists():
+            os.replace(out / name, keep / Path(name).name)
+    print(f"[repro] the config changed: the previous run's files are kept in {keep}")
+
+
+def check_output_dir(out: Path, digest: str, on_change: str = "error") -> bool:
+    """True if `out` already holds this exact finished run; a different finished run is refused
+    (on_change='error') or moved aside (on_change='restart', what the workflow asks for)."""
     metrics, prov = out / "metrics.json", out / "provenance.json"
     if not metrics.exists():
         return False
@@ -182,13 +193,16 @@ def check_output_dir(out: Path, digest: str) -> bool:
         done_hash = None
     if done_hash == digest:
         return True
+    if on_change == "restart":
+        supersede(out, done_hash)
+        return False
     raise ReproError(
         f"{out} already holds a finished run with a different config (hash {done_hash} vs {digest}). "
         "Finished results are never overwritten: pass another --output, or delete that folder to retrain."
     )
 
 
-def train(cfg: RunConfig, out: Path, command: str) -> dict:
+def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> dict:
     """Train and evaluate one run into `out`; returns the metrics dict."""
     from accelerate import Accelerator
 
@@ -198,7 +212,7 @@ def train(cfg: RunConfig, out: Path, command: str) -> dict:
     digest = config_hash(cfg)
     # validate everything cheap before the output folder is touched
     build_method(cfg.method, num_classes=2, label_smoothing=cfg.train.label_smoothing)  # name and options
-    if check_output_dir(out, digest):
+    if check_output_dir(out, digest, on_change):
         print(f"[repro] {out}: finished run with the same config already there; nothing to do.")
         return json.loads((out / "metrics.json").read_text())
     d = cfg.data
@@ -211,6 +225,7 @@ def train(cfg: RunConfig, out: Path, command: str) -> dict:
     model_kwargs = dict(cfg.model.kwargs)
     seed_globals(derived_seed(cfg.seed, 0, 0, 0))  # model init depends on the seed only
     model = build_model(cfg.model.name, num_classes=info.num_classes, **model_kwargs)
+    method.check_model(model)
     if len(train_ds) < cfg.train.batch_size:
         raise ReproError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(train_ds)} training examples.")
 
@@ -219,8 +234,6 @@ def train(cfg: RunConfig, out: Path, command: str) -> dict:
     main = accelerator.is_main_process
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT
-    if main:
-        (out / "config.yaml").write_text(dump_yaml(cfg))
 
     steps_per_epoch = len(train_ds) // (cfg.train.batch_size * accelerator.num_processes)
     if cfg.train.max_steps_per_epoch:
@@ -240,11 +253,14 @@ def train(cfg: RunConfig, out: Path, command: str) -> dict:
     start_epoch, updates, history, wall_before = 0, 0, [], 0.0
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if state["config_hash"] != digest:
+        if state["config_hash"] != digest and on_change == "restart":
+            supersede(out, state["config_hash"])
+        elif state["config_hash"] != digest:
             raise ReproError(
                 f"{ckpt_path} was written by a different config (hash {state['config_hash']} vs {digest}); "
                 "resume needs the same config. Delete the checkpoint folder to start over, or use another --output."
             )
+    if ckpt_path.exists():
         accelerator.unwrap_model(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -259,6 +275,7 @@ def train(cfg: RunConfig, out: Path, command: str) -> dict:
         if main:
             print(f"[repro] resuming {out} from epoch {start_epoch} (checkpoint {ckpt_path})")
     if main:  # the log holds exactly the epochs the model state has seen
+        (out / "config.yaml").write_text(dump_yaml(cfg))
         (out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
 
     split = "val" if cfg.data.val_split else "test"
@@ -313,6 +330,9 @@ def train(cfg: RunConfig, out: Path, command: str) -> dict:
         steps.close()
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": round(time.time() - t0, 3)}
         row.update({f"train_{k}": v / max(1, count) for k, v in sums.items()})
+        stats = method.epoch_stats()
+        if stats:
+            row["method_stats"] = stats
         last = epoch + 1 == epochs
         if last or (epoch + 1) % cfg.train.eval_every == 0:
             row.update({f"{split}_{k}": v for k, v in evaluate(model, eval_loader, accelerator, info.task).items()})
@@ -370,6 +390,9 @@ def parse_args(argv=None):
     parser.add_argument("--config", help="experiment YAML (papers/<paper>/configs/<scale>/<experiment>.yaml)")
     parser.add_argument("--method", help="label of one entry of the experiment's 'methods' grid")
     parser.add_argument("--output", help="run folder (default: output_dir, else runs/<experiment>/<method>/seed<k>)")
+    parser.add_argument("--on-config-change", choices=("error", "restart"), default="error",
+                        help="if the folder holds a run of another config: refuse (default), or move its files "
+                        "to superseded-<hash>/ and start afresh (what the workflow uses)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     return parser.parse_args(argv)
 
@@ -380,7 +403,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides, method_label=args.method)
         out = Path(args.output or cfg.output_dir or default_output(cfg))
-        train(cfg, out, command="python -m common.train " + " ".join(argv))
+        train(cfg, out, command="python -m common.train " + " ".join(argv), on_change=args.on_config_change)
     except ReproError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

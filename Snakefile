@@ -1,0 +1,46 @@
+# Reproduction workflow: one `reproduce_<paper>` target per paper, `reproduce_all`, and `report`.
+#   snakemake -c2 reproduce_mixup                         (smoke scale, CPU, minutes)
+#   snakemake --profile profiles/local-gpu reproduce_mixup --config scale=proxy seeds=3
+# The grid of (experiment, method, seed) comes from papers/<paper>/configs/<scale>/*.yaml.
+from pathlib import Path
+
+from snakemake.utils import min_version, validate
+
+min_version("8.20")
+
+
+configfile: Path(workflow.basedir) / "workflow" / "config.yaml"
+
+
+validate(config, Path(workflow.basedir) / "workflow" / "schema" / "config.schema.yaml")
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/common.smk"
+include: "workflow/rules.smk"
+
+
+for paper_workflow in sorted(Path(workflow.basedir).glob("papers/*/workflow.smk")):
+
+    include: str(paper_workflow)
+
+
+rule reproduce_all:
+    input:
+        [paper_targets(paper) for paper in PAPERS],
+
+
+rule report:
+    input:
+        existing_run_metrics(),
+        [paper_results_file(paper) for paper in PAPERS],
+    output:
+        "reports/index.md",
+    conda:
+        "envs/repro.yaml"
+    log:
+        "logs/report/index.log",
+    shell:
+        "python -m common.report index > {log} 2>&1"

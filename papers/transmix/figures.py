@@ -1,0 +1,163 @@
+"""TransMix figures: attention vs box on CutMix images, and the shift of label weights over an epoch.
+
+``python -m papers.transmix.figures attention --run RUN_DIR --out STEM --stamp TEXT``
+``python -m papers.transmix.figures weights --runs RUN_DIR [RUN_DIR ...] --out STEM --stamp TEXT``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import itertools
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+
+from common.attention import capture_cls_attention
+from common.config import load_config
+from common.errors import ReproError
+from common.mixing import cutmix_box, flip_partner, paste_box
+from papers.transmix.method import transmix_weights
+
+
+def _save(fig, stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(stem.with_suffix(".png"), dpi=150)
+    fig.savefig(stem.with_suffix(".pdf"))
+    plt.close(fig)
+
+
+def _message_figure(stem: Path, title: str, message: str, stamp: str) -> None:
+    fig = plt.figure(figsize=(8, 3))
+    fig.suptitle(title)
+    fig.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
+    fig.text(0.01, 0.01, stamp, fontsize=7, style="italic")
+    _save(fig, stem)
+
+
+def attention_figure(run_dir: Path, stem: Path, stamp: str, n_images: int = 4, lam: float = 0.55) -> dict | None:
+    """For a few CutMix-mixed test images: the image with its box, the class-token attention over it, and
+    the area weight vs the TransMix weight of the pasted partner. Uses the run's final checkpoint."""
+    from common.data import build_datasets
+    from common.models import build_model
+
+    title = "TransMix: class-token attention vs pasted box (last block, head mean)"
+    ckpt = run_dir / "checkpoint" / "last.pt"
+    if not ckpt.exists():
+        _message_figure(stem, title, f"No checkpoint at {ckpt} on this machine (checkpoints are not committed); "
+                        "run the training job here to draw this figure.", stamp)
+        return None
+    cfg = load_config(run_dir / "config.yaml")
+    _, eval_ds, info = build_datasets(cfg.data.name, root=cfg.data.root, recipe=cfg.data.recipe,
+                                      allow_download=False, image_size=cfg.data.image_size)
+    model = build_model(cfg.model.name, num_classes=info.num_classes, **cfg.model.kwargs)
+    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["model"])
+    model.eval()
+    # 2 * n_images test images of different classes: rows b and B-1-b are partners
+    picked, seen = [], set()
+    for i in range(len(eval_ds)):
+        image, label = eval_ds[i]
+        if label not in seen:
+            seen.add(label)
+            picked.append((image, label))
+        if len(picked) == 2 * n_images:
+            break
+    images = torch.stack([p[0] for p in picked])
+    labels = torch.tensor([p[1] for p in picked])
+    H, W = images.shape[-2:]
+    box, _ = cutmix_box(lam, H // 2, W // 3, (H, W))
+    x_mix = paste_box(images, flip_partner(len(images)), box)
+    with torch.no_grad(), capture_cls_attention(model) as grab:
+        model(x_mix)
+    attn = grab.attention
+    w, lam_area, _ = transmix_weights(attn, box, (H, W))
+    g = int(attn.shape[1] ** 0.5)
+    maps = F.interpolate(attn.view(-1, 1, g, g), size=(H, W), mode="nearest").squeeze(1)
+    mean = torch.tensor(info.mean).view(3, 1, 1)
+    std = torch.tensor(info.std).view(3, 1, 1)
+    names = info.classes or [str(k) for k in range(info.num_classes)]
+    fig, axes = plt.subplots(2, n_images, figsize=(2.6 * n_images, 5.6))
+    yl, yh, xl, xh = box
+    for col in range(n_images):
+        shown = (x_mix[col] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+        partner = len(images) - 1 - col
+        for row, data in enumerate((shown, maps[col].numpy())):
+            ax = axes[row, col]
+            ax.imshow(data, cmap=None if row == 0 else "magma", interpolation="nearest")
+            ax.add_patch(plt.Rectangle((xl - 0.5, yl - 0.5), xh - xl, yh - yl, fill=False, ec="cyan", lw=1.5))
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0, col].set_title(f"{names[labels[col]]} + box from {names[labels[partner]]}", fontsize=8)
+        axes[1, col].set_xlabel(f"partner weight: area {lam_area:.2f}, TransMix {float(w[col]):.2f}", fontsize=8)
+    axes[0, 0].set_ylabel("mixed image (box cyan)")
+    axes[1, 0].set_ylabel("class-token attention")
+    fig.suptitle(title)
+    fig.text(0.01, 0.01, f"{stamp} · run {run_dir}", fontsize=7, style="italic")
+    fig.tight_layout(rect=(0, 0.03, 1, 0.95))
+    _save(fig, stem)
+    return {"box": box, "lam_area": lam_area, "weights": w.tolist()}
+
+
+def weights_figure(run_dirs: list[Path], stem: Path, stamp: str) -> dict | None:
+    """Histogram of (TransMix weight - area weight) over the last epoch's CutMix samples, summed over seeds."""
+    title = "TransMix label weight minus CutMix area weight (last epoch, all CutMix samples)"
+    total, edges, n = None, None, 0
+    for run in run_dirs:
+        log = run / "log.jsonl"
+        if not log.exists():
+            continue
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        stats = [r["method_stats"] for r in rows if r.get("method_stats")]
+        if not stats:
+            continue
+        hist = torch.tensor(stats[-1]["delta_hist"], dtype=torch.float64)
+        total = hist if total is None else total + hist
+        edges = stats[-1]["delta_edges"]
+        n += 1
+    if total is None:
+        _message_figure(stem, title, "no finished TransMix runs with weight statistics yet", stamp)
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    centres = [(a + b) / 2 for a, b in itertools.pairwise(edges)]
+    ax.bar(centres, (total / total.sum()).tolist(), width=edges[1] - edges[0], color="tab:purple", alpha=0.8)
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_xlabel("TransMix partner weight − area partner weight")
+    ax.set_ylabel("fraction of CutMix samples")
+    ax.set_title(title, fontsize=10)
+    fig.text(0.01, 0.01, f"{stamp} · {n} run(s), {int(total.sum())} samples", fontsize=7, style="italic")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    _save(fig, stem)
+    return {"hist": total.tolist(), "edges": edges}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m papers.transmix.figures")
+    sub = parser.add_subparsers(dest="figure", required=True)
+    a = sub.add_parser("attention")
+    a.add_argument("--run", required=True)
+    w = sub.add_parser("weights")
+    w.add_argument("--runs", nargs="+", required=True)
+    for p in (a, w):
+        p.add_argument("--out", required=True)
+        p.add_argument("--stamp", default="")
+    args = parser.parse_args(argv)
+    try:
+        if args.figure == "attention":
+            attention_figure(Path(args.run), Path(args.out), args.stamp)
+        else:
+            weights_figure([Path(r) for r in args.runs], Path(args.out), args.stamp)
+    except ReproError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+# Helper functions for the rules: grid expansion, paths and resources. The logic lives in
+# common/workflow.py (importable and tested); these are thin, named wrappers Snakemake can call.
+import glob
+import os
+
+from common import workflow as grid
+from common.report import paper_results
+
+# every job (local, conda, cluster) imports `common` and `papers` from this checkout
+shell.prefix(f'export PYTHONPATH="{workflow.basedir}:$PYTHONPATH"; ')
+
+SCALE = config["scale"]
+SEEDS = config.get("seeds") or None
+TRAIN = bool(config.get("train", True))
+PAPERS = grid.papers()
+
+
+wildcard_constraints:
+    paper="[a-z0-9_]+",
+    scale="smoke|proxy|paper",
+    experiment="[A-Za-z0-9_.-]+",
+    method="[A-Za-z0-9_.-]+",
+    seed=r"\d+",
+
+
+def paper_results_file(paper):
+    return f"{workflow.basedir}/papers/{paper}/paper_results.yaml"
+
+
+def grid_metrics(paper, experiments=None):
+    """metrics.json of every run of a paper at the chosen scale (existing ones only when train=false)."""
+    files = [run.metrics for run in grid.runs(paper, SCALE, SEEDS)
+             if experiments is None or run.experiment in experiments]
+    return files if TRAIN else [f for f in files if os.path.exists(f)]
+
+
+def existing_run_metrics():
+    return sorted(glob.glob("results/*/*/*/*/seed*/metrics.json"))
+
+
+def table_ids(paper):
+    return list(paper_results(paper).get("tables", {}))
+
+
+def table_experiments(paper, table):
+    spec = paper_results(paper)["tables"][table]
+    return {row.get("experiment", spec.get("experiment")) for row in spec["rows"]} - {None}
+
+
+def table_inputs(wildcards):
+    return [paper_results_file(wildcards.paper),
+            *grid_metrics(wildcards.paper, table_experiments(wildcards.paper, wildcards.table))]
+
+
+def curves_inputs(wildcards):
+    return grid_metrics(wildcards.paper, {wildcards.experiment})
+
+
+def paper_targets(paper):
+    """Every table and figure of one paper at the chosen scale."""
+    targets = [f"reports/{paper}/{SCALE}/{table}.md" for table in table_ids(paper)]
+    targets += [f"figures/{paper}/{SCALE}/curves_{experiment}.png"
+                for experiment in grid.experiments(paper, SCALE)]
+    if grid.experiments(paper, SCALE):
+        targets.append(f"figures/{paper}/{SCALE}/mixed_examples.png")
+    return targets
+
+
+def train_config(wildcards):
+    return str(grid.config_path(wildcards.paper, wildcards.scale, wildcards.experiment))
+
+
+def train_launch(wildcards):
+    return grid.launch_command(wildcards.paper, wildcards.scale, wildcards.experiment)
+
+
+def train_config_hash(wildcards):
+    # a param: Snakemake reruns a finished run only when its resolved config changes
+    return grid.run_config_hash(wildcards.paper, wildcards.scale, wildcards.experiment,
+                                wildcards.method, int(wildcards.seed))
+
+
+def run_folder(wildcards):
+    return grid.Run(wildcards.paper, wildcards.scale, wildcards.experiment, wildcards.method,
+                    int(wildcards.seed)).folder
+
+
+def _resource(wildcards, key):
+    return grid.resources(wildcards.paper, wildcards.scale, wildcards.experiment)[key]
+
+
+def train_gpus(wildcards):
+    return _resource(wildcards, "gpus")
+
+
+def train_mem_mb(wildcards):
+    return _resource(wildcards, "mem_mb")
+
+
+def train_runtime(wildcards):
+    return _resource(wildcards, "runtime")
+
+
+def train_cpus(wildcards):
+    return _resource(wildcards, "cpus")

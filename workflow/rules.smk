@@ -1,0 +1,87 @@
+# Rules shared by every paper: train one run, build one table, draw curves and mixed examples.
+# Paper-specific rules live in papers/<paper>/workflow.smk and are prefixed with the paper's name.
+
+
+rule train:
+    # Declared output is metrics.json, written last; the checkpoint/ beside it is not an output, so a
+    # killed job keeps it and resumes when the workflow runs again.
+    output:
+        "results/{paper}/{scale}/{experiment}/{method}/seed{seed}/metrics.json",
+    conda:
+        "../envs/repro.yaml"
+    log:
+        "logs/train/{paper}/{scale}/{experiment}/{method}/seed{seed}.log",
+    params:
+        launch=train_launch,
+        config=train_config,
+        folder=run_folder,
+        config_hash=train_config_hash,
+    resources:
+        gpu=train_gpus,
+        mem_mb=train_mem_mb,
+        runtime=train_runtime,
+        cpus_per_task=train_cpus,
+    shell:
+        "{params.launch} --config {params.config} --method {wildcards.method} --output {params.folder} "
+        "--on-config-change restart seed={wildcards.seed} > {log} 2>&1"
+
+
+rule table:
+    input:
+        table_inputs,
+    output:
+        md="reports/{paper}/{scale}/{table}.md",
+        csv=report(
+            "reports/{paper}/{scale}/{table}.csv",
+            caption="report/table.rst",
+            category="{paper}",
+            subcategory="{scale}",
+            labels={"paper": "{paper}", "table": "{table}", "scale": "{scale}"},
+        ),
+        tex="reports/{paper}/{scale}/{table}.tex",
+    conda:
+        "../envs/repro.yaml"
+    log:
+        "logs/table/{paper}/{scale}/{table}.log",
+    shell:
+        "python -m common.report table --paper {wildcards.paper} --scale {wildcards.scale} "
+        "--table {wildcards.table} > {log} 2>&1"
+
+
+rule curves:
+    input:
+        curves_inputs,
+    output:
+        png=report(
+            "figures/{paper}/{scale}/curves_{experiment}.png",
+            caption="report/curves.rst",
+            category="{paper}",
+            subcategory="{scale}",
+            labels={"paper": "{paper}", "figure": "curves {experiment}", "scale": "{scale}"},
+        ),
+        pdf="figures/{paper}/{scale}/curves_{experiment}.pdf",
+    conda:
+        "../envs/repro.yaml"
+    log:
+        "logs/curves/{paper}/{scale}/{experiment}.log",
+    shell:
+        "python -m common.report curves --paper {wildcards.paper} --scale {wildcards.scale} "
+        "--experiment {wildcards.experiment} > {log} 2>&1"
+
+
+rule mixed_examples:
+    output:
+        png=report(
+            "figures/{paper}/{scale}/mixed_examples.png",
+            caption="report/mixed_examples.rst",
+            category="{paper}",
+            subcategory="{scale}",
+            labels={"paper": "{paper}", "figure": "mixed examples", "scale": "{scale}"},
+        ),
+        pdf="figures/{paper}/{scale}/mixed_examples.pdf",
+    conda:
+        "../envs/repro.yaml"
+    log:
+        "logs/mixed_examples/{paper}/{scale}.log",
+    shell:
+        "python -m common.report examples --paper {wildcards.paper} --scale {wildcards.scale} > {log} 2>&1"
