@@ -262,6 +262,8 @@ def write_index(results: Path, reports: Path, figures: Path, root: Path = REPO_R
     for paper in papers(root):
         spec = paper_results(paper, root)
         out.write(f"\n## {paper}: {spec['title']}\n\n")
+        if not any(r["paper"] == paper for r in found):
+            out.write(f"No finished runs yet: `snakemake reproduce_{paper} --config scale=<scale>` makes them.\n")
         for scale in SCALES:
             if not any(r["paper"] == paper and r["scale"] == scale for r in found):
                 continue

@@ -326,7 +326,7 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
                     sums[key] = sums.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
             count += 1
             if main and i % 10 == 0:
-                steps.set_postfix(loss=f"{float(loss):.3f}")
+                steps.set_postfix(loss=f"{float(loss.detach()):.3f}")
         steps.close()
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": round(time.time() - t0, 3)}
         row.update({f"train_{k}": v / max(1, count) for k, v in sums.items()})
@@ -394,7 +394,7 @@ def parse_args(argv=None):
                         help="if the folder holds a run of another config: refuse (default), or move its files "
                         "to superseded-<hash>/ and start afresh (what the workflow uses)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
 def main(argv=None) -> int:

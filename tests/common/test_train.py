@@ -153,3 +153,62 @@ def test_unknown_config_file_and_method_label(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["--config", str(SMOKE), "--method", "mixpu"]) == 2
     assert "'mixup'" in capsys.readouterr().err
+
+
+VIT = ["model.name=vit_tiny_patch4_32", "model.kwargs={depth: 1, embed_dim: 48, num_heads: 3}",
+       "data.num_workers=0", "optim.name=adamw", "optim.lr=0.001", "schedule.name=constant"]
+
+
+def test_gradient_accumulation_matches_one_large_batch(tmp_path):
+    """2 micro-batches of 50 with grad_accum 2 give the same update as one batch of 100 (no BatchNorm)."""
+    common = ["--config", str(SMOKE), "--method", "erm", "train.epochs=1", *VIT]
+    assert main([*common, "--output", str(tmp_path / "big"), "train.batch_size=100",
+                 "train.max_steps_per_epoch=1"]) == 0
+    assert main([*common, "--output", str(tmp_path / "acc"), "train.batch_size=50", "train.grad_accum=2",
+                 "train.max_steps_per_epoch=2"]) == 0
+    big = torch.load(tmp_path / "big/checkpoint/last.pt", weights_only=False)["model"]
+    acc = torch.load(tmp_path / "acc/checkpoint/last.pt", weights_only=False)["model"]
+    init = build_model("vit_tiny_patch4_32", num_classes=10, depth=1, embed_dim=48, num_heads=3)
+    moved = 0
+    for key in big:
+        assert torch.allclose(big[key], acc[key], atol=1e-5), key
+        moved += int(not torch.equal(big[key], init.state_dict()[key]))
+    assert moved > 0
+
+
+def test_bf16_ema_and_clipping_run_and_log_ema_metrics(tmp_path):
+    out = tmp_path / "run"  # a fresh process: Accelerate's precision is fixed once per process
+    res = run_cli("--config", SMOKE, "--method", "mixup", "--output", out, "train.epochs=1",
+                  "train.max_steps_per_epoch=2", "train.precision=bf16", "train.ema_decay=0.9",
+                  "train.clip_grad=1.0", *TINY)
+    assert res.returncode == 0, res.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "top1" in metrics["final_ema"]
+    row = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert "test_ema_top1" in row and "train_lam" in row
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["--config", str(SMOKE), "--method", "erm", "--output", str(out), "train.epochs=2",
+                 "optim.lr=1.0e+30", "train.max_steps_per_epoch=5", *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "loss became" in err and "optim.lr" in err
+    assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.full_data
+def test_regression_on_airfoil_reports_rmse_and_mape(tmp_path):
+    root = os.environ.get("REPRO_DATA_DIR")
+    candidates = [Path(root) / "airfoil"] if root else []
+    candidates.append(REPO.parent / "shared/datasets/airfoil")
+    found = [c for c in candidates if (c / "airfoil_self_noise.dat").exists()]
+    if not found:
+        pytest.skip("the Airfoil file is not available (set REPRO_DATA_DIR)")
+    out = tmp_path / "run"
+    assert main(["--output", str(out), "data.name=airfoil", f"data.root={found[0]}", "data.num_workers=0",
+                 "model.name=mlp_regression", "optim.name=adamw", "optim.lr=0.01", "optim.weight_decay=0",
+                 "schedule.name=constant", "train.epochs=3", "train.batch_size=64"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["primary_metric"] == "rmse" and metrics["best"]["rmse"] <= metrics["final"]["rmse"] + 1e-9
+    assert {"rmse", "mape"} <= set(metrics["final"])
