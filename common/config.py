@@ -81,6 +81,11 @@ class TrainConfig:
     eval_every: int = 1  # epochs; the last epoch is always evaluated
     max_steps_per_epoch: int | None = None  # cap batches per epoch (smoke runs and benchmarks)
     eval_batch_size: int | None = None
+    # model selection: 'last' epoch, or the epoch with the best validation metric (needs a validation
+    # split); the test metrics of the selected epoch are reported under metrics.json 'selected'
+    select: str = "last"
+    select_metric: str | None = None  # default: the task's primary metric (top1, or rmse for regression)
+    select_ties: str = "later"  # a tie with the best so far moves the selection to the later epoch (<=)
 
 
 @dataclass
@@ -247,6 +252,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (), method_label
         raise ReproError(f"train.precision must be no, bf16 or fp16, got {cfg.train.precision!r}.")
     if cfg.schedule.per not in ("step", "epoch"):
         raise ReproError(f"schedule.per must be 'step' or 'epoch', got {cfg.schedule.per!r}.")
+    if cfg.train.select not in ("last", "best_val"):
+        raise ReproError(f"train.select must be 'last' or 'best_val', got {cfg.train.select!r}.")
+    if cfg.train.select_ties not in ("later", "earlier"):
+        raise ReproError(f"train.select_ties must be 'later' or 'earlier', got {cfg.train.select_ties!r}.")
     if not isinstance(cfg.method.get("name"), str):
         raise ReproError("config 'method' needs a 'name' (e.g. method.name=mixup).")
     return cfg

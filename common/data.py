@@ -272,6 +272,19 @@ def build_datasets(
     return train_ds, (val_ds if val_ds is not None else test_ds), info
 
 
+def build_splits(
+    name: str,
+    root: str | os.PathLike | None = None,
+    recipe: str = "default",
+    allow_download: bool = True,
+    val_split: int = 0,
+    split_seed: int = 0,
+    image_size: int | None = None,
+):
+    """`(train_ds, val_ds or None, test_ds, info)`: every split, for trainers that select on validation."""
+    return _build(name, root, recipe, allow_download, val_split, split_seed, image_size)
+
+
 def build_test_dataset(
     name: str,
     root: str | os.PathLike | None = None,

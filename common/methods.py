@@ -95,6 +95,9 @@ class Method:
         """Mixed images and soft targets for one batch, for figures; identity for non-mixing methods."""
         return images, smooth_one_hot(labels, self.num_classes, self.label_smoothing)
 
+    def prepare(self, train_dataset, info) -> None:
+        """Called once before training with the training set (e.g. to read every training label)."""
+
     def check_model(self, model) -> None:
         """Raise ReproError if `model` cannot give what this method needs (e.g. attention maps)."""
 

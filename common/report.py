@@ -49,8 +49,10 @@ def statistic_value(metrics: dict, statistic: str, metric: str) -> float | None:
         value = metrics.get(f"median_last10_{key}")
     elif statistic in ("best", "final"):
         value = metrics.get(statistic, {}).get(key)
+    elif statistic == "selected":  # test metrics of the epoch chosen on validation
+        value = metrics.get("selected", {}).get("test", {}).get(key)
     else:
-        raise ReproError(f"unknown table statistic {statistic!r}; use median_last10, best or final.")
+        raise ReproError(f"unknown table statistic {statistic!r}; use median_last10, best, final or selected.")
     if value is None:
         return None
     return 100.0 - value if metric == "error" else float(value)

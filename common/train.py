@@ -123,22 +123,51 @@ def evaluate(model, loader, accelerator, task: str) -> dict:
 
 
 PRIMARY = {"classification": ("top1", max), "regression": ("rmse", min)}
+HIGHER_IS_BETTER = {"top1": True, "top5": True, "r": True}  # every other metric: lower is better
 
 
-def summarise(history: list[dict], split: str, task: str) -> dict:
-    """metrics.json: final epoch, best epoch by the primary metric, and median of the last 10 evaluations."""
+def _split_metrics(row: dict, split: str) -> dict:
+    return {k[len(split) + 1:]: v for k, v in row.items() if k.startswith(split + "_") and "_ema_" not in k}
+
+
+def select_epoch(history: list[dict], metric: str, ties: str) -> dict:
+    """The row with the best validation `metric`; a tie moves to the later epoch if ties == 'later'."""
+    higher = HIGHER_IS_BETTER.get(metric, False)
+    best = None
+    for row in history:
+        if f"val_{metric}" not in row:
+            continue
+        value = row[f"val_{metric}"]
+        if best is None:
+            best = row
+            continue
+        old = best[f"val_{metric}"]
+        better = value > old if higher else value < old
+        if better or (ties == "later" and value == old):
+            best = row
+    return best
+
+
+def summarise(history: list[dict], task: str, select: str = "last", select_metric: str | None = None,
+              ties: str = "later") -> dict:
+    """metrics.json: test metrics of the final epoch, of the best test epoch, the median of the last 10
+    evaluations, and, with a validation split, of the epoch selected on validation."""
     key, better = PRIMARY[task]
-    evals = [h for h in history if f"{split}_{key}" in h]
-    final = {k[len(split) + 1:]: v for k, v in evals[-1].items() if k.startswith(split + "_")}
-    best_row = better(evals, key=lambda h: h[f"{split}_{key}"])
-    best = {k[len(split) + 1:]: v for k, v in best_row.items() if k.startswith(split + "_")}
-    last10 = [h[f"{split}_{key}"] for h in evals[-10:]]
-    return {
-        "task": task, "eval_split": split, "primary_metric": key,
-        "final": final, "final_epoch": evals[-1]["epoch"],
-        "best": best, "best_epoch": best_row["epoch"],
+    evals = [h for h in history if f"test_{key}" in h]
+    best_row = better(evals, key=lambda h: h[f"test_{key}"])
+    last10 = [h[f"test_{key}"] for h in evals[-10:]]
+    metrics = {
+        "task": task, "eval_split": "test", "primary_metric": key, "select": select,
+        "final": _split_metrics(evals[-1], "test"), "final_epoch": evals[-1]["epoch"],
+        "best": _split_metrics(best_row, "test"), "best_epoch": best_row["epoch"],
         f"median_last10_{key}": statistics.median(last10), "n_evals_in_median": len(last10),
     }
+    if any("val_" + key in h for h in history):
+        metric = select_metric or key
+        chosen = select_epoch(history, metric, ties)
+        metrics["selected"] = {"epoch": chosen["epoch"], "metric": f"val_{metric}", "ties": ties,
+                               "val": _split_metrics(chosen, "val"), "test": _split_metrics(chosen, "test")}
+    return metrics
 
 
 # --------------------------------------------------------------------------------------- checkpointing
@@ -206,7 +235,7 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
     """Train and evaluate one run into `out`; returns the metrics dict."""
     from accelerate import Accelerator
 
-    from common.data import build_datasets
+    from common.data import build_splits
     from common.models import build_model
 
     digest = config_hash(cfg)
@@ -216,7 +245,7 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
         print(f"[repro] {out}: finished run with the same config already there; nothing to do.")
         return json.loads((out / "metrics.json").read_text())
     d = cfg.data
-    train_ds, eval_ds, info = build_datasets(
+    train_ds, val_ds, test_ds, info = build_splits(
         d.name, root=d.root, recipe=d.recipe, allow_download=d.allow_download,
         val_split=d.val_split, split_seed=d.split_seed, image_size=d.image_size,
     )
@@ -226,6 +255,8 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
     seed_globals(derived_seed(cfg.seed, 0, 0, 0))  # model init depends on the seed only
     model = build_model(cfg.model.name, num_classes=info.num_classes, **model_kwargs)
     method.check_model(model)
+    if cfg.train.select == "best_val" and val_ds is None:
+        raise ReproError("train.select=best_val needs a validation split: set data.val_split (e.g. 5000).")
     if len(train_ds) < cfg.train.batch_size:
         raise ReproError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(train_ds)} training examples.")
 
@@ -241,9 +272,13 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
     updates_per_epoch = max(1, steps_per_epoch // cfg.train.grad_accum)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, updates_per_epoch)
-    eval_loader = DataLoader(eval_ds, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
-                             shuffle=False, num_workers=cfg.data.num_workers)
-    model, optimizer, eval_loader = accelerator.prepare(model, optimizer, eval_loader)
+    eval_loaders = {
+        split: accelerator.prepare(DataLoader(ds, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
+                                              shuffle=False, num_workers=cfg.data.num_workers))
+        for split, ds in (("val", val_ds), ("test", test_ds)) if ds is not None
+    }
+    method.prepare(train_ds, info)
+    model, optimizer = accelerator.prepare(model, optimizer)
     ema = None
     if cfg.train.ema_decay:
         from timm.utils import ModelEmaV3
@@ -278,7 +313,6 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
         (out / "config.yaml").write_text(dump_yaml(cfg))
         (out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
 
-    split = "val" if cfg.data.val_split else "test"
     epochs = cfg.train.epochs
     total_steps = epochs * steps_per_epoch
     started = time.time()
@@ -335,18 +369,20 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
             row["method_stats"] = stats
         last = epoch + 1 == epochs
         if last or (epoch + 1) % cfg.train.eval_every == 0:
-            row.update({f"{split}_{k}": v for k, v in evaluate(model, eval_loader, accelerator, info.task).items()})
-            if ema is not None:
-                ema_metrics = evaluate(ema.module, eval_loader, accelerator, info.task)
-                row.update({f"{split}_ema_{k}": v for k, v in ema_metrics.items()})
+            for split, eval_loader in eval_loaders.items():
+                row.update({f"{split}_{k}": v for k, v in evaluate(model, eval_loader, accelerator, info.task).items()})
+                if ema is not None:
+                    ema_metrics = evaluate(ema.module, eval_loader, accelerator, info.task)
+                    row.update({f"{split}_ema_{k}": v for k, v in ema_metrics.items()})
         history.append(row)
         if main:
             with open(out / "log.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
-            shown = " ".join(f"{k.removeprefix(split + '_')} {v:.4g}" for k, v in row.items()
-                             if k.startswith(split + "_"))
+            shown = "  ".join(
+                f"{split}: " + " ".join(f"{k} {v:.4g}" for k, v in _split_metrics(row, split).items())
+                for split in eval_loaders if f"{split}_{PRIMARY[info.task][0]}" in row)
             tqdm.write(f"epoch {epoch + 1:>4}/{epochs}  lr {row['lr']:.4g}  loss {row.get('train_loss', 0):.4f}  "
-                       f"{split}: {shown}  ({row['epoch_time_s']:.1f} s)")
+                       f"{shown}  ({row['epoch_time_s']:.1f} s)")
         if last or (epoch + 1) % cfg.train.checkpoint_every == 0:
             accelerator.wait_for_everyone()
             if main:
@@ -359,9 +395,9 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
                     "rng": rng_state(), "wall_time_s": wall_before + time.time() - started,
                 })
     bar.close()
-    metrics = summarise(history, split, info.task)
+    metrics = summarise(history, info.task, cfg.train.select, cfg.train.select_metric, cfg.train.select_ties)
     if ema is not None:
-        metrics["final_ema"] = {k[len(split) + 5:]: v for k, v in history[-1].items() if k.startswith(split + "_ema_")}
+        metrics["final_ema"] = {k[len("test_ema_"):]: v for k, v in history[-1].items() if k.startswith("test_ema_")}
     wall = wall_before + time.time() - started
     metrics.update({"epochs": epochs, "wall_time_s": round(wall, 3), "scale": cfg.scale,
                     "dataset": info.name, "model": cfg.model.name, "method": method.name, "seed": cfg.seed})

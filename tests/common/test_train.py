@@ -212,3 +212,26 @@ def test_regression_on_airfoil_reports_rmse_and_mape(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["primary_metric"] == "rmse" and metrics["best"]["rmse"] <= metrics["final"]["rmse"] + 1e-9
     assert {"rmse", "mape"} <= set(metrics["final"])
+
+
+def test_selection_on_validation_follows_the_tie_rule():
+    from common.train import select_epoch
+
+    history = [{"epoch": 1, "val_rmse": 2.0}, {"epoch": 2, "val_rmse": 1.5}, {"epoch": 3, "val_rmse": 1.5},
+               {"epoch": 4, "val_rmse": 1.7}]
+    assert select_epoch(history, "rmse", "later")["epoch"] == 3  # <= : C-Mixup's official rule
+    assert select_epoch(history, "rmse", "earlier")["epoch"] == 2
+    acc = [{"epoch": 1, "val_top1": 50.0}, {"epoch": 2, "val_top1": 60.0}, {"epoch": 3, "val_top1": 55.0}]
+    assert select_epoch(acc, "top1", "later")["epoch"] == 2
+
+
+def test_validation_split_reports_the_selected_epochs_test_metrics(tmp_path):
+    out = tmp_path / "run"
+    assert main(["--config", str(SMOKE), "--method", "erm", "--output", str(out), "train.epochs=2",
+                 "train.max_steps_per_epoch=3", "data.val_split=100", "train.select=best_val", *TINY]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    chosen = metrics["selected"]
+    row = next(r for r in log if r["epoch"] == chosen["epoch"])
+    assert chosen["test"]["top1"] == row["test_top1"] and chosen["val"]["top1"] == row["val_top1"]
+    assert all("val_top1" in r and "test_top1" in r for r in log)
