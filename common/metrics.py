@@ -351,19 +351,24 @@ def temperature_scale(
 def classification_metrics(
     logits: torch.Tensor, labels: torch.Tensor, n_bins: int = DEFAULT_N_BINS
 ) -> dict[str, float]:
-    """What the trainer logs each epoch: top-1/top-5 accuracy (%), NLL (nats), 15-bin ECE (%).
+    """What the trainer logs each epoch: top-1/top-5 accuracy (%), NLL (nats), and calibration (%):
+    15-bin ECE, adaptive ECE, classwise ECE, over- and under-confidence errors.
 
     Args:
         logits: `(N, K)` logits over the whole evaluation split.
         labels: `(N,)` integer class indices.
-        n_bins: ECE bins.
+        n_bins: calibration bins.
 
     Returns:
-        `{'top1', 'top5', 'nll', 'ece'}`.
+        `{'top1', 'top5', 'nll', 'ece', 'aece', 'cece', 'oe', 'ue'}`.
     """
     metrics = topk_accuracy(logits, labels, ks=(1, 5))
     metrics["nll"] = nll(logits, labels)
     metrics["ece"] = ece(logits, labels, n_bins=n_bins)
+    metrics["aece"] = adaptive_ece(logits, labels, n_bins=n_bins)
+    metrics["cece"] = classwise_ece(logits, labels, n_bins=n_bins)
+    metrics["oe"] = overconfidence_error(logits, labels, n_bins=n_bins)
+    metrics["ue"] = underconfidence_error(logits, labels, n_bins=n_bins)
     return metrics
 
 

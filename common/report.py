@@ -58,8 +58,9 @@ def statistic_value(metrics: dict, statistic: str, metric: str) -> float | None:
     return 100.0 - value if metric == "error" else float(value)
 
 
-HIGHER_IS_BETTER = {"top1": True, "top5": True, "error": False, "ece": False, "nll": False, "rmse": False,
-                    "mape": False, "r": True}
+def higher_is_better(metric: str) -> bool:
+    """Accuracies and correlations go up; errors, losses and calibration errors go down."""
+    return metric.removeprefix("ts_") in ("top1", "top5", "r")
 
 
 @dataclass
@@ -113,7 +114,7 @@ def build_table(paper: str, scale: str, table_id: str, results: Path, root: Path
         raise ReproError(f"paper {paper!r} has no table {table_id!r}; tables: {', '.join(tables)}.")
     table = tables[table_id]
     metric, statistic = table["metric"], table["statistic"]
-    sign = 1.0 if HIGHER_IS_BETTER.get(metric, True) else -1.0
+    sign = 1.0 if higher_is_better(metric) else -1.0
     cells, rows = {}, []
     for row in table["rows"]:
         experiment = row.get("experiment", table.get("experiment"))
@@ -169,7 +170,7 @@ def describe_runs(paper: str, scale: str, table: dict, root: Path = REPO_ROOT) -
 def table_markdown(paper: str, scale: str, table_id: str, results: Path, root: Path = REPO_ROOT,
                    heading: str = "#") -> str:
     spec, table, rows = build_table(paper, scale, table_id, results, root)
-    better = "higher" if HIGHER_IS_BETTER.get(table["metric"], True) else "lower"
+    better = "higher" if higher_is_better(table["metric"]) else "lower"
     out = io.StringIO()
     out.write(f"{heading} {spec['title']} — {table['title']}\n\n")
     out.write(f"* **Paper:** {table.get('paper_setting', '')}\n")

@@ -105,7 +105,8 @@ def make_train_loader(dataset, cfg: RunConfig, epoch: int, accelerator) -> DataL
 
 # ------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
-def evaluate(model, loader, accelerator, task: str) -> dict:
+def evaluate(model, loader, accelerator, task: str) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Metrics over a whole split, with the gathered outputs and targets (for temperature scaling)."""
     from common.metrics import classification_metrics, regression_metrics
 
     model.eval()
@@ -118,12 +119,33 @@ def evaluate(model, loader, accelerator, task: str) -> dict:
         targets.append(target.cpu())
     outputs, targets = torch.cat(outputs), torch.cat(targets)
     if task == "regression":
-        return regression_metrics(outputs, targets)
-    return classification_metrics(outputs, targets)
+        return regression_metrics(outputs, targets), outputs, targets
+    return classification_metrics(outputs, targets), outputs, targets
+
+
+def calibration_extras(outputs: dict) -> tuple[dict, dict]:
+    """Post-hoc temperature scaling and reliability data for one evaluation.
+
+    With a validation split the temperature is fitted on it (grid 0.1..10, lowest ECE, as RankMixup's
+    official tester) and applied to the test logits: logged as val_temperature and test_ts_*. Returns the
+    row entries and the reliability-diagram data (test, and test after scaling)."""
+    from common.metrics import classification_metrics, reliability_diagram_data, temperature_scale
+
+    row, reliability = {}, {}
+    test_logits, test_labels = outputs["test"]
+    reliability["test"] = reliability_diagram_data(test_logits, test_labels)
+    if "val" in outputs:
+        temperature = temperature_scale(*outputs["val"])
+        row["val_temperature"] = temperature
+        scaled = test_logits / temperature
+        row.update({f"test_ts_{k}": v for k, v in classification_metrics(scaled, test_labels).items()})
+        reliability["test_ts"] = reliability_diagram_data(scaled, test_labels)
+    return row, reliability
 
 
 PRIMARY = {"classification": ("top1", max), "regression": ("rmse", min)}
 HIGHER_IS_BETTER = {"top1": True, "top5": True, "r": True}  # every other metric: lower is better
+SHOWN = ("top1", "top5", "nll", "ece", "ts_ece", "rmse", "mape")  # the per-epoch line a person reads
 
 
 def _split_metrics(row: dict, split: str) -> dict:
@@ -285,7 +307,7 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
 
         ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.train.ema_decay)
 
-    start_epoch, updates, history, wall_before = 0, 0, [], 0.0
+    start_epoch, updates, history, wall_before, extras = 0, 0, [], 0.0, {}
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if state["config_hash"] != digest and on_change == "restart":
@@ -306,6 +328,7 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
         method.load_state_dict(state.get("method", {}))
         set_rng_state(state["rng"])
         start_epoch, updates, history = state["epoch"], state["updates"], state["history"]
+        extras = state.get("extras", {})
         wall_before = state["wall_time_s"]
         if main:
             print(f"[repro] resuming {out} from epoch {start_epoch} (checkpoint {ckpt_path})")
@@ -369,17 +392,31 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
             row["method_stats"] = stats
         last = epoch + 1 == epochs
         if last or (epoch + 1) % cfg.train.eval_every == 0:
+            outputs = {}
             for split, eval_loader in eval_loaders.items():
-                row.update({f"{split}_{k}": v for k, v in evaluate(model, eval_loader, accelerator, info.task).items()})
+                split_metrics, logits, labels = evaluate(model, eval_loader, accelerator, info.task)
+                row.update({f"{split}_{k}": v for k, v in split_metrics.items()})
+                outputs[split] = (logits, labels)
                 if ema is not None:
-                    ema_metrics = evaluate(ema.module, eval_loader, accelerator, info.task)
+                    ema_metrics = evaluate(ema.module, eval_loader, accelerator, info.task)[0]
                     row.update({f"{split}_ema_{k}": v for k, v in ema_metrics.items()})
+            if info.task == "classification":
+                extra_row, reliability = calibration_extras(outputs)
+                row.update(extra_row)
+                # keep the reliability data of the final epoch and of the epoch selected on validation
+                extras["final_reliability"] = reliability
+                if "val" in outputs:
+                    chosen = select_epoch([*history, row], cfg.train.select_metric or PRIMARY[info.task][0],
+                                          cfg.train.select_ties)
+                    if chosen is row:
+                        extras["selected_reliability"] = reliability
         history.append(row)
         if main:
             with open(out / "log.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             shown = "  ".join(
-                f"{split}: " + " ".join(f"{k} {v:.4g}" for k, v in _split_metrics(row, split).items())
+                f"{split}: " + " ".join(f"{k} {v:.4g}" for k, v in _split_metrics(row, split).items()
+                                        if k in SHOWN)
                 for split in eval_loaders if f"{split}_{PRIMARY[info.task][0]}" in row)
             tqdm.write(f"epoch {epoch + 1:>4}/{epochs}  lr {row['lr']:.4g}  loss {row.get('train_loss', 0):.4f}  "
                        f"{shown}  ({row['epoch_time_s']:.1f} s)")
@@ -392,10 +429,14 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
                     "scheduler": scheduler.state_dict(),
                     "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                     "ema": ema.state_dict() if ema is not None else None, "method": method.state_dict(),
-                    "rng": rng_state(), "wall_time_s": wall_before + time.time() - started,
+                    "rng": rng_state(), "wall_time_s": wall_before + time.time() - started, "extras": extras,
                 })
     bar.close()
     metrics = summarise(history, info.task, cfg.train.select, cfg.train.select_metric, cfg.train.select_ties)
+    if "final_reliability" in extras:
+        metrics["final_reliability"] = extras["final_reliability"]
+    if "selected" in metrics and "selected_reliability" in extras:
+        metrics["selected"]["reliability"] = extras["selected_reliability"]
     if ema is not None:
         metrics["final_ema"] = {k[len("test_ema_"):]: v for k, v in history[-1].items() if k.startswith("test_ema_")}
     wall = wall_before + time.time() - started

@@ -374,7 +374,9 @@ def test_temperature_rejects_unknown_criterion():
 def test_classification_metrics_keys_and_values():
     logits, labels = _random_logits(4, n=300)
     metrics = classification_metrics(logits, labels)
-    assert set(metrics) == {"top1", "top5", "nll", "ece"}
+    assert set(metrics) == {"top1", "top5", "nll", "ece", "aece", "cece", "oe", "ue"}
+    assert metrics["aece"] == pytest.approx(adaptive_ece(logits, labels))
+    assert metrics["cece"] == pytest.approx(classwise_ece(logits, labels))
     assert metrics["top1"] == pytest.approx(100 * logits.argmax(1).eq(labels).double().mean().item())
     assert metrics["nll"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
     assert metrics["ece"] == pytest.approx(_ref_ece_loop(logits, labels), abs=1e-4)

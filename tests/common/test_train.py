@@ -235,3 +235,8 @@ def test_validation_split_reports_the_selected_epochs_test_metrics(tmp_path):
     row = next(r for r in log if r["epoch"] == chosen["epoch"])
     assert chosen["test"]["top1"] == row["test_top1"] and chosen["val"]["top1"] == row["val_top1"]
     assert all("val_top1" in r and "test_top1" in r for r in log)
+    # post-hoc temperature scaling on validation, applied to test (RankMixup's +TS), and reliability data
+    assert all(0.1 <= r["val_temperature"] <= 10.0 and "test_ts_ece" in r for r in log)
+    assert chosen["test"]["ts_ece"] == row["test_ts_ece"]
+    rel = chosen["reliability"]["test_ts"]
+    assert sum(rel["count"]) == 200 and len(rel["count"]) == 15
