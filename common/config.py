@@ -34,6 +34,9 @@ class DataConfig:
     image_size: int | None = None  # resize target for recipes that support it (deit)
     allow_download: bool = True
     num_workers: int = 2
+    # fast path for CIFAR-sized data: decode once to a cached uint8 tensor held on the device and augment
+    # there (common/fastdata.py); same augmentation law as the standard DataLoader path
+    device_cache: bool = False
     val_split: int = 0  # hold out this many training examples as the evaluation split
     split_seed: int = 0
 
@@ -81,6 +84,8 @@ class TrainConfig:
     eval_every: int = 1  # epochs; the last epoch is always evaluated
     max_steps_per_epoch: int | None = None  # cap batches per epoch (smoke runs and benchmarks)
     eval_batch_size: int | None = None
+    compile: bool = False  # torch.compile the model (GPU runs; the first epoch pays the compilation)
+    channels_last: bool = False  # channels-last memory format for convolutional nets on GPUs
     # model selection: 'last' epoch, or the epoch with the best validation metric (needs a validation
     # split); the test metrics of the selected epoch are reported under metrics.json 'selected'
     select: str = "last"

@@ -300,7 +300,19 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
         for split, ds in (("val", val_ds), ("test", test_ds)) if ds is not None
     }
     method.prepare(train_ds, info)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.train.compile:
+        # keep forward hooks visible to the compiled graph (attention capture for TransMix relies on them)
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        model = torch.compile(model)
+    device_loader = None
+    if cfg.data.device_cache:
+        from common.fastdata import DeviceLoader
+
+        device_loader = DeviceLoader(train_ds, info, cfg.data.recipe, cfg.train.batch_size, accelerator.device,
+                                     accelerator.process_index, accelerator.num_processes)
     ema = None
     if cfg.train.ema_decay:
         from timm.utils import ModelEmaV3
@@ -346,7 +358,10 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
         generator = torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, accelerator.process_index, 3))
         scheduler.step(epoch)
         model.train()
-        loader = make_train_loader(train_ds, cfg, epoch, accelerator)
+        if device_loader is not None:
+            loader = device_loader.epoch(torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, 0, 1)))
+        else:
+            loader = make_train_loader(train_ds, cfg, epoch, accelerator)
         sums, count, t0 = {}, 0, time.time()
         steps = tqdm(loader, total=steps_per_epoch, leave=False, disable=not main, unit="batch",
                      desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True)
@@ -354,6 +369,8 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
             if i >= steps_per_epoch:
                 break
             inputs = inputs.to(accelerator.device, non_blocking=True)
+            if cfg.train.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
             targets = targets.to(accelerator.device, non_blocking=True)
             step = epoch * steps_per_epoch + i
             ctx = StepContext(epoch=epoch, step=step, progress=step / max(1, total_steps), generator=generator)

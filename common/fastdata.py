@@ -1,0 +1,140 @@
+"""Fast path for small image datasets: decode once, keep uint8 images on the device, augment there.
+
+For CIFAR-sized data the standard path (PIL decode + torchvision transforms in DataLoader workers) leaves a
+GPU mostly idle. Here the training split is decoded once into a uint8 tensor, cached on disk under a key
+made from the encoded bytes themselves (so a changed file can never reuse a stale cache), moved to the
+device, and each batch is augmented there with the CIFAR recipe: zero padding 4, a uniform random 32x32 crop
+(torchvision `RandomCrop.get_params`: offsets uniform in {0, ..., 2 * pad}), a horizontal flip with
+probability 1/2, scaling to [0, 1] and per-channel normalisation: the same law as `common.data`'s 'cifar'
+recipes. All draws come from a CPU generator seeded per epoch, so runs stay exactly resumable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from common.errors import ReproError
+
+CACHE_ENV = "REPRO_CACHE_DIR"
+FAST_RECIPES = ("cifar", "mixup_official")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "mixrepro"))
+
+
+def _base_and_indices(dataset):
+    """Unwrap Subset layers down to the encoded-image dataset; returns (images_with_targets, indices)."""
+    indices = None
+    while isinstance(dataset, Subset):
+        sub = np.asarray(dataset.indices)
+        indices = sub if indices is None else sub[indices]
+        dataset = dataset.dataset
+    base = getattr(dataset, "base", None)
+    if base is None or not hasattr(base, "targets"):
+        raise ReproError("data.device_cache works for image datasets read through common.data (CIFAR); "
+                         f"got {type(dataset).__name__}. Set data.device_cache=false.")
+    return base, (np.arange(len(base)) if indices is None else indices)
+
+
+def _key(base, indices) -> str:
+    digest = hashlib.sha256()
+    buffer = getattr(base, "_buffer", None)
+    if buffer is not None:  # the encoded bytes themselves: a changed file changes the key
+        digest.update(memoryview(buffer))
+    else:
+        digest.update(repr(getattr(base, "origin", type(base).__name__)).encode())
+    digest.update(np.asarray(base.targets, dtype=np.int64).tobytes())
+    digest.update(np.asarray(indices, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:24]
+
+
+def decode_uint8(dataset, use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images of `dataset` as uint8 (N, 3, H, W) and labels (N,), decoded once and cached on disk."""
+    base, indices = _base_and_indices(dataset)
+    path = cache_dir() / f"decoded-{_key(base, indices)}.pt"
+    if use_cache and path.exists():
+        cached = torch.load(path, weights_only=True)
+        return cached["images"], cached["labels"]
+    first = np.asarray(base[int(indices[0])][0])
+    images = np.empty((len(indices), *first.shape), dtype=np.uint8)
+    for row, index in enumerate(indices):  # once per dataset, then never again
+        images[row] = np.asarray(base[int(index)][0])
+    labels = torch.as_tensor(np.asarray(base.targets, dtype=np.int64)[indices])
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"images": tensor, "labels": labels}, tmp)
+        os.replace(tmp, path)
+    return tensor, labels
+
+
+def draw_crops(generator: torch.Generator, batch_size: int, padding: int):
+    """Crop offsets (rows, cols) uniform in {0..2*padding} and flip flags with probability 1/2."""
+    offsets = torch.randint(0, 2 * padding + 1, (2, batch_size), generator=generator)
+    flips = torch.rand(batch_size, generator=generator) < 0.5
+    return offsets[0], offsets[1], flips
+
+
+def augment(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, flips: torch.Tensor,
+            mean, std, padding: int = 4) -> torch.Tensor:
+    """Pad-crop-flip-normalise a uint8 batch on its device.
+
+    Args:
+        images: (B, C, H, W) uint8.
+        rows, cols: (B,) crop offsets into the zero-padded image; flips: (B,) bool.
+    Returns:
+        (B, C, H, W) float32, normalised.
+    """
+    B, C, H, W = images.shape
+    device = images.device
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+    r = rows.to(device).view(B, 1, 1) + torch.arange(H, device=device).view(1, H, 1)
+    c = cols.to(device).view(B, 1, 1) + torch.arange(W, device=device).view(1, 1, W)
+    c = torch.where(flips.to(device).view(B, 1, 1), c.flip(-1), c)  # flipping after the crop = reversed columns
+    batch = torch.arange(B, device=device).view(B, 1, 1)
+    crops = padded.permute(0, 2, 3, 1)[batch, r, c]  # (B, H, W, C)
+    out = crops.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(mean, device=device).view(1, C, 1, 1)
+    std = torch.tensor(std, device=device).view(1, C, 1, 1)
+    return out.sub_(mean).div_(std)
+
+
+class DeviceLoader:
+    """Batches of augmented training images made on the device from a resident uint8 copy.
+
+    Per epoch: one permutation of the (process's share of the) training set and one crop/flip draw per
+    image, all from a CPU generator seeded by the caller; the last incomplete batch is dropped.
+    """
+
+    def __init__(self, dataset, info, recipe: str, batch_size: int, device, rank: int = 0, world: int = 1):
+        if recipe == "default":
+            recipe = "cifar"
+        if recipe not in FAST_RECIPES or info.image_size != 32:
+            raise ReproError(f"data.device_cache supports the 32x32 CIFAR recipes {FAST_RECIPES}, not "
+                             f"recipe {recipe!r} at {info.image_size} px; set data.device_cache=false.")
+        images, labels = decode_uint8(dataset)
+        self.images, self.labels = images.to(device), labels.to(device)
+        self.mean, self.std = info.mean, info.std
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+
+    def __len__(self) -> int:
+        return (len(self.labels) // self.world) // self.batch_size
+
+    def epoch(self, generator: torch.Generator):
+        order = torch.randperm(len(self.labels), generator=generator)
+        share = len(order) // self.world
+        order = order[self.rank * share:(self.rank + 1) * share]
+        rows, cols, flips = draw_crops(generator, len(order), padding=4)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            index = order[start:start + self.batch_size].to(self.images.device)
+            part = slice(start, start + self.batch_size)
+            yield (augment(self.images[index], rows[part], cols[part], flips[part], self.mean, self.std),
+                   self.labels[index])
