@@ -90,13 +90,22 @@ def resources(paper: str, scale: str, experiment: str, root: Path = REPO_ROOT) -
     return {"gpus": res.gpus, "cpus": res.cpus, "mem_mb": res.mem_mb, "runtime": res.runtime_min}
 
 
-def launch_command(paper: str, scale: str, experiment: str, root: Path = REPO_ROOT) -> str:
-    """`accelerate launch` with as many processes as the run asks GPUs for (one CPU process if none)."""
+def launch_command(paper: str, scale: str, experiment: str, pack: int = 1, root: Path = REPO_ROOT) -> str:
+    """`accelerate launch` with as many processes as the run asks GPUs for (one CPU process if none).
+
+    GPU runs go through `common.gpu_slots`, which picks free GPUs (``pack`` jobs may share one) and sets
+    CUDA_VISIBLE_DEVICES; on a SLURM node it simply sees the GPUs the job was given."""
     gpus = resources(paper, scale, experiment, root)["gpus"]
     if gpus <= 0:
         return "accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no --cpu -m common.train"
     multi = " --multi_gpu" if gpus > 1 else ""
-    return f"accelerate launch --num_processes {gpus} --num_machines 1 --dynamo_backend no{multi} -m common.train"
+    return (f"python -m common.gpu_slots --need {gpus} --pack {pack} -- accelerate launch --num_processes {gpus} "
+            f"--num_machines 1 --dynamo_backend no{multi} -m common.train")
+
+
+def gpu_share(paper: str, scale: str, experiment: str, pack: int = 1, root: Path = REPO_ROOT) -> int:
+    """Percent of a GPU one run holds: 100 per GPU, divided by how many jobs are packed on a GPU."""
+    return resources(paper, scale, experiment, root)["gpus"] * 100 // max(1, pack)
 
 
 def run_config_hash(paper: str, scale: str, experiment: str, method: str, seed: int, root: Path = REPO_ROOT) -> str:

@@ -12,6 +12,7 @@ shell.prefix(f'export PYTHONPATH="{workflow.basedir}:$PYTHONPATH"; ')
 SCALE = config["scale"]
 SEEDS = config.get("seeds") or None
 TRAIN = bool(config.get("train", True))
+PACK = int(config.get("pack", 1))
 PAPERS = grid.papers()
 
 
@@ -71,7 +72,7 @@ def train_config(wildcards):
 
 
 def train_launch(wildcards):
-    return grid.launch_command(wildcards.paper, wildcards.scale, wildcards.experiment)
+    return grid.launch_command(wildcards.paper, wildcards.scale, wildcards.experiment, PACK)
 
 
 def train_config_hash(wildcards):
@@ -91,6 +92,10 @@ def _resource(wildcards, key):
 
 def train_gpus(wildcards):
     return _resource(wildcards, "gpus")
+
+
+def train_gpu_share(wildcards):
+    return grid.gpu_share(wildcards.paper, wildcards.scale, wildcards.experiment, PACK)
 
 
 def train_mem_mb(wildcards):

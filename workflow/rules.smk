@@ -18,6 +18,7 @@ rule train:
         config_hash=train_config_hash,
     resources:
         gpu=train_gpus,
+        gpu_share=train_gpu_share,
         mem_mb=train_mem_mb,
         runtime=train_runtime,
         cpus_per_task=train_cpus,
