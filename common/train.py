@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -101,6 +102,32 @@ def make_train_loader(dataset, cfg: RunConfig, epoch: int, accelerator) -> DataL
         generator=generator, num_workers=cfg.data.num_workers, drop_last=True,
         pin_memory=torch.cuda.is_available(), persistent_workers=False,
     )
+
+
+def optimisation_step(accelerator, model, optimizer, method, batch, ctx: StepContext, clip_grad=None) -> dict:
+    """One micro-batch: the method's step under autocast, backward, clipping and the optimiser step when the
+    accumulation window closes. Shared by the trainer loop and the benchmarks in bench/."""
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            result = method.step(model, batch, ctx)
+        accelerator.backward(result["loss"])
+        if accelerator.sync_gradients and clip_grad:
+            accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return result
+
+
+def check_finite(loss_sum, epoch: int, batch: int, optimizer, out: Path) -> None:
+    """Stop on a NaN/inf loss (checked on the running sum, so a bad batch anywhere since the last check shows)."""
+    value = float(loss_sum)
+    if not math.isfinite(value):
+        raise ReproError(
+            f"the training loss became {value} by epoch {epoch + 1}, batch {batch + 1} "
+            f"(lr {optimizer.param_groups[0]['lr']:.3g}). The last checkpoint in {out / 'checkpoint'} "
+            "is kept. Lower optim.lr, set train.clip_grad, or use train.precision=no; then delete "
+            "the checkpoint folder (the config changed) and run again."
+        )
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -374,36 +401,24 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
             targets = targets.to(accelerator.device, non_blocking=True)
             step = epoch * steps_per_epoch + i
             ctx = StepContext(epoch=epoch, step=step, progress=step / max(1, total_steps), generator=generator)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    result = method.step(model, (inputs, targets), ctx)
-                loss = result["loss"]
-                if not torch.isfinite(loss.detach()):
-                    raise ReproError(
-                        f"the training loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1} "
-                        f"(lr {optimizer.param_groups[0]['lr']:.3g}). The last checkpoint in {out / 'checkpoint'} "
-                        "is kept. Lower optim.lr, set train.clip_grad, or use train.precision=no; then delete "
-                        "the checkpoint folder (the config changed) and run again."
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.train.clip_grad:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            result = optimisation_step(accelerator, model, optimizer, method, (inputs, targets), ctx,
+                                       cfg.train.clip_grad)
             if accelerator.sync_gradients:
                 updates += 1
                 scheduler.step_update(updates)
                 if ema is not None:
                     ema.update(accelerator.unwrap_model(model), step=updates)
-            for key, value in result.items():
+            for key, value in result.items():  # tensors stay on the device: no sync per step
                 if key != "logits":
-                    sums[key] = sums.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
+                    sums[key] = sums.get(key, 0.0) + (value.detach().float() if torch.is_tensor(value) else value)
             count += 1
-            if main and i % 10 == 0:
-                steps.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            if i % 50 == 49 or i + 1 == steps_per_epoch:  # one host sync every 50 steps
+                check_finite(sums["loss"], epoch, i, optimizer, out)
+                if main:
+                    steps.set_postfix(loss=f"{float(sums['loss']) / count:.3f}")
         steps.close()
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": round(time.time() - t0, 3)}
-        row.update({f"train_{k}": v / max(1, count) for k, v in sums.items()})
+        row.update({f"train_{k}": float(v) / max(1, count) for k, v in sums.items()})
         stats = method.epoch_stats()
         if stats:
             row["method_stats"] = stats
