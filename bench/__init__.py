@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks: each compares against a reference measured in the same process."""

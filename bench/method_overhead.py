@@ -1,0 +1,77 @@
+"""Overhead of each method's training step over plain (ERM) training on the same model, and peak memory.
+
+    python -m bench.method_overhead            # GPU sizes: CIFAR ResNet-18 at 32 (batch 128), DeiT-S at 224
+    python -m bench.method_overhead --small    # CPU sizes, a few steps
+
+Every registered method is measured on the models it can run on (TransMix needs a ViT with a class token;
+regression methods are skipped). Overhead = step time / ERM step time - 1, measured in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from accelerate import Accelerator
+
+from bench.harness import device_name, measure, print_table, write_json
+from common.errors import ReproError
+from common.methods import StepContext, build_method, list_methods
+from common.models import build_model
+from common.train import optimisation_step
+
+MODELS = {"resnet18_cifar_32": ("resnet18_cifar", {}, 32, 128), "deit_s16_224": ("deit_small_patch16_224", {}, 224, 128)}
+SMALL = {"preact_w8_32": ("preact_resnet18_cifar", {"width": 8}, 32, 16),
+         "vit_depth1_32": ("vit_tiny_patch4_32", {"depth": 1}, 32, 16)}
+
+
+def step_time(method_name, model_name, kwargs, size, batch, steps, warmup, accelerator):
+    device = accelerator.device
+    method = build_method({"name": method_name}, num_classes=10, label_smoothing=0.1)
+    torch.manual_seed(0)
+    model = build_model(model_name, num_classes=10, **kwargs)
+    method.check_model(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    ctx = StepContext(epoch=0, step=0, progress=0.0, generator=torch.Generator().manual_seed(0))
+    return measure(lambda: optimisation_step(accelerator, model, optimizer, method, (x, y), ctx),
+                   device, batch, steps, warmup)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
+    parser.add_argument("--out", default="bench/results/method_overhead.json")
+    args = parser.parse_args(argv)
+    precision = "bf16" if torch.cuda.is_available() else "no"
+    accelerator = Accelerator(mixed_precision=precision)
+    rows = []
+    for case, (model_name, kwargs, size, batch) in (SMALL if args.small else MODELS).items():
+        base = step_time("erm", model_name, kwargs, size, batch, args.steps, args.warmup, accelerator)
+        for name in args.methods or list_methods():
+            if name == "erm":
+                continue
+            try:
+                result = step_time(name, model_name, kwargs, size, batch, args.steps, args.warmup, accelerator)
+            except (ReproError, RuntimeError, AttributeError, ValueError) as exc:
+                # e.g. TransMix on a CNN, regression methods on images, methods that need prepare()
+                rows.append({"case": case, "method": name, "skipped": str(exc).split(";")[0][:80]})
+                continue
+            rows.append({"case": case, "method": name, "erm_s_step": base["s_per_step"],
+                         "method_s_step": result["s_per_step"],
+                         "overhead_pct": 100 * (result["s_per_step"] / base["s_per_step"] - 1),
+                         "erm_peak_mib": base["peak_mem_mib"], "method_peak_mib": result["peak_mem_mib"]})
+    print_table(f"method step overhead over ERM on {device_name(accelerator.device)} ({precision})", rows,
+                ["case", "method", "erm_s_step", "method_s_step", "overhead_pct", "method_peak_mib", "skipped"])
+    payload = {"benchmark": "method_overhead", "device": device_name(accelerator.device), "rows": rows}
+    write_json(args.out, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
