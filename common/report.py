@@ -133,7 +133,9 @@ def build_table(paper: str, scale: str, table_id: str, results: Path, root: Path
             paper_gain = sign * (row["paper"] - paper_base[row["setting"]])
         rows.append({
             "setting": row["setting"], "method": row["method"],
-            "paper": fmt(row.get("paper")), "paper_verified": "yes" if row.get("verified") else "no",
+            # "—": the paper (or its benchmark) published no number for this row
+            "paper": fmt(row.get("paper")) if row.get("paper") is not None else "—",
+            "paper_verified": "yes" if row.get("verified") else "no",
             "ours": cell.text(), "n": f"{len(cell.values)}/{cell.expected}",
             "delta": fmt(cell.mean - row["paper"] if cell.values and row.get("paper") is not None else None,
                          signed=True),

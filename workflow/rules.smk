@@ -16,6 +16,7 @@ rule train:
         config=train_config,
         folder=run_folder,
         config_hash=train_config_hash,
+    threads: train_cpus
     resources:
         gpu=train_gpus,
         gpu_share=train_gpu_share,
@@ -23,7 +24,8 @@ rule train:
         runtime=train_runtime,
         cpus_per_task=train_cpus,
     shell:
-        "{params.launch} --config {params.config} --method {wildcards.method} --output {params.folder} "
+        # pin intra-op threads to the job's cores: oversubscribed small ops run many times slower
+        "OMP_NUM_THREADS={threads} {params.launch} --config {params.config} --method {wildcards.method} --output {params.folder} "
         "--on-config-change restart seed={wildcards.seed} > {log} 2>&1"
 
 
