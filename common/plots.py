@@ -302,7 +302,8 @@ def _histories(paths: list[Path]) -> list[list[dict]]:
 
 
 def _detect_split(histories: dict[str, list[list[dict]]], metric: str) -> str | None:
-    """The one eval split whose ``<split>_<metric>`` appears in the logs, or None when there is none."""
+    """The eval split to plot: test when the logs have it (runs with a validation split log both), else
+    the one split whose ``<split>_<metric>`` appears, or None when there is none."""
     found = {
         s
         for hs in histories.values()
@@ -311,6 +312,10 @@ def _detect_split(histories: dict[str, list[list[dict]]], metric: str) -> str | 
         for s in SPLITS
         if f"{s}_{metric}" in row
     }
+    if "test" in found and all(
+        f"test_{metric}" in row for hs in histories.values() for rows in hs for row in rows if any(
+            f"{s}_{metric}" in row for s in SPLITS)):
+        return "test"
     if len(found) > 1:
         raise ReproError(
             f"runs mix test_{metric} and val_{metric}; plot test and validation runs separately."

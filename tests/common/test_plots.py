@@ -172,3 +172,13 @@ def test_seed_bars(tmp_path, figure_texts):
     assert "erm: 6.00 (n=3 seeds)" in figure_texts[0]
     assert plots.plot_seed_bars({}, tmp_path / "empty", "t", "y", STAMP) == {}
     assert "no finished runs yet" in figure_texts[1]
+
+
+def test_runs_with_a_validation_split_plot_their_test_curve(tmp_path):
+    folder = tmp_path / "run/seed0"
+    folder.mkdir(parents=True)
+    rows = [{"epoch": 1, "train_loss": 1.0, "val_top1": 40.0, "test_top1": 30.0},
+            {"epoch": 2, "train_loss": 0.9, "val_top1": 50.0, "test_top1": 45.0}]
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = plots.plot_curves({"erm": [folder]}, tmp_path / "c", "t", STAMP)
+    np.testing.assert_allclose(drawn["erm"][1], [30.0, 45.0])
