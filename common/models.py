@@ -8,6 +8,8 @@ Importing this module registers, through `timm.models.register_model`, so that
   [2, 2, 2, 2] of widths 64/128/256/512, final BN + ReLU before global average pooling.
 * `resnet18_cifar`: post-activation ResNet-18 with the CIFAR stem (3x3 stride-1 conv + BN + ReLU, no
   max-pool), as kuangliu/pytorch-cifar's `ResNet18`.
+* `resnet50_cifar`: bottleneck ResNet-50 [3, 4, 6, 3] with the same CIFAR stem, as RankMixup's
+  `resnet50_cifar` (cvlab-yonsei/RankMixup `calibrate/net/resnet_mixup.py`).
 * `wrn28_10_cifar`: Wide-ResNet-28-10 (Zagoruyko & Komodakis, arXiv:1605.07146; layout of
   xternalz/WideResNet-pytorch): pre-activation wide blocks, widths 16/160/320/640.
 * `vit_tiny_patch4_32`, `vit_small_patch4_32`: timm `VisionTransformer`s for 32x32 inputs with 4x4
@@ -36,11 +38,15 @@ from common.errors import ReproError, closest
 __all__ = [
     "MODEL_NAMES",
     "BasicBlock",
+    "Bottleneck",
+    "BottleneckResNetCifar",
     "ModelArgumentError",
     "PreActBlock",
     "PreActResNet",
     "RegressionMLP",
     "ResNetCifar",
+    "ShakeBlock",
+    "ShakeShakeCifar",
     "build_model",
 ]
 
@@ -420,6 +426,116 @@ def resnet18_cifar(
 
 
 # ----------------------------------------------------------------------------------------------------
+# Bottleneck ResNet-50 with the CIFAR stem (RankMixup's `resnet50_cifar`)
+
+
+class Bottleneck(nn.Module):
+    """Post-activation bottleneck: conv1x1-BN-ReLU, conv3x3(stride)-BN-ReLU, conv1x1(x4)-BN, add, ReLU.
+
+    As `Bottleneck_Cifar` of cvlab-yonsei/RankMixup `calibrate/net/resnet_mixup.py` (kuangliu's
+    `Bottleneck`): the stride sits on the 3x3 conv; a shape change uses a 1x1 conv + BN shortcut.
+
+    Args:
+        in_chs: Input channels.
+        planes: Bottleneck width; the block outputs `4 * planes` channels.
+        stride: Stride of the 3x3 conv and of the projection shortcut.
+        drop_path: Stochastic-depth probability of the residual branch.
+    """
+
+    expansion = 4
+
+    def __init__(self, in_chs: int, planes: int, stride: int = 1, drop_path: float = 0.0):
+        super().__init__()
+        out_chs = self.expansion * planes
+        self.conv1 = nn.Conv2d(in_chs, planes, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_chs, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_chs)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_chs != out_chs:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_chs, out_chs, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(out_chs)
+            )
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: (B, in_chs, H, W). Returns: (B, 4 * planes, H/stride, W/stride)."""
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(self.shortcut(x) + self.drop_path(out))
+
+
+class BottleneckResNetCifar(_PooledLinearHead):
+    """Bottleneck ResNet with the CIFAR stem (3x3 stride-1 conv + BN + ReLU, no max-pool).
+
+    Mirrors `ResNet_Cifar` + `resnet50_cifar` of cvlab-yonsei/RankMixup: PyTorch's default init (no He
+    init, no zero-init of the last BN), no dropout by default, `avg_pool2d(4)` over the 4x4 map of a 32x32
+    input (our global mean), linear head. Its `temp` (always 1.0) is a no-op and is left out.
+
+    Args:
+        depths: Bottleneck blocks per stage ([3, 4, 6, 3] for ResNet-50).
+        planes: Bottleneck width per stage; stage outputs are 4x these.
+        num_classes: Classifier outputs; 0 gives pooled features.
+        in_chans: Input channels.
+        head_drop_rate: Dropout before the classifier.
+        drop_path_rate: Stochastic depth of the last block (linear from 0 over blocks).
+    """
+
+    def __init__(
+        self,
+        depths: tuple[int, ...],
+        planes: tuple[int, ...],
+        num_classes: int = 10,
+        in_chans: int = 3,
+        head_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        self.stem = nn.Sequential(
+            _conv3x3(in_chans, planes[0]), nn.BatchNorm2d(planes[0]), nn.ReLU(inplace=True)
+        )
+        path_rates = iter(_drop_path_rates(drop_path_rate, depths))
+        stages, in_chs = [], planes[0]
+        for stage_idx, (depth, width) in enumerate(zip(depths, planes, strict=True)):
+            blocks = []
+            for block_idx in range(depth):
+                stride = 2 if stage_idx > 0 and block_idx == 0 else 1
+                blocks.append(Bottleneck(in_chs, width, stride, next(path_rates)))
+                in_chs = Bottleneck.expansion * width
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self._init_head(in_chs, num_classes, head_drop_rate)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: (B, in_chans, H, W). Returns: (B, num_features, H/8, W/8)."""
+        return self.stages(self.stem(x))
+
+
+@_register
+def resnet50_cifar(
+    pretrained: bool = False,
+    num_classes: int = 10,
+    in_chans: int = 3,
+    drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+    **kwargs: Any,
+) -> BottleneckResNetCifar:
+    """ResNet-50 with the CIFAR stem (~23.52M parameters for 10 classes); `drop_rate` is head dropout."""
+    _entry_kwargs("resnet50_cifar", pretrained, kwargs, _CNN_ARGS)
+    return BottleneckResNetCifar(
+        depths=(3, 4, 6, 3),
+        planes=(64, 128, 256, 512),
+        num_classes=num_classes,
+        in_chans=in_chans,
+        head_drop_rate=drop_rate,
+        drop_path_rate=drop_path_rate,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
 # Vision Transformers for 32x32 inputs
 
 
@@ -515,10 +631,118 @@ def mlp_regression(
     return RegressionMLP(in_features, num_classes, hidden_dim, drop_rate)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Shake-Shake (Gastaldi, arXiv:1705.07485), the 26 2x96d CIFAR model of the ResizeMix paper
+
+
+class _ShakeCombine(torch.autograd.Function):
+    """alpha * a + (1 - alpha) * b forward, beta / (1 - beta) gradients backward ("Shake-Shake")."""
+
+    @staticmethod
+    def forward(ctx, a, b, alpha, beta):
+        ctx.save_for_backward(beta)
+        return alpha * a + (1 - alpha) * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        (beta,) = ctx.saved_tensors
+        return beta * grad, (1 - beta) * grad, None, None
+
+
+class _ShakeShortcut(nn.Module):
+    """Downsampling shortcut of the official Lua code: ReLU, two strided 1x1 paths (the second shifted by one
+    pixel), concatenated, BN."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.conv1 = nn.Conv2d(in_chs, out_chs // 2, kernel_size=1, bias=False)
+        self.conv2 = nn.Conv2d(in_chs, out_chs // 2, kernel_size=1, bias=False)
+        self.bn = nn.BatchNorm2d(out_chs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(x)
+        y1 = self.conv1(torch.nn.functional.avg_pool2d(x, 1, self.stride))
+        shifted = torch.nn.functional.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
+        y2 = self.conv2(torch.nn.functional.avg_pool2d(shifted, 1, self.stride))
+        return self.bn(torch.cat([y1, y2], dim=1))
+
+
+class ShakeBlock(nn.Module):
+    """Two residual branches (ReLU-conv3x3-BN-ReLU-conv3x3-BN) mixed per image by random alpha (forward) and
+    beta (backward) while training ("Shake-Shake-Image"), averaged at evaluation."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Sequential(
+                nn.ReLU(), _conv3x3(in_chs, out_chs, stride), nn.BatchNorm2d(out_chs),
+                nn.ReLU(inplace=True), _conv3x3(out_chs, out_chs), nn.BatchNorm2d(out_chs),
+            )
+            for _ in range(2)
+        )
+        same = stride == 1 and in_chs == out_chs
+        self.shortcut = nn.Identity() if same else _ShakeShortcut(in_chs, out_chs, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = (branch(x) for branch in self.branches)
+        if self.training:  # torch's global generator, seeded per epoch by the trainer
+            alpha = torch.rand(x.shape[0], 1, 1, 1, device=x.device, dtype=a.dtype)
+            beta = torch.rand(x.shape[0], 1, 1, 1, device=x.device, dtype=a.dtype)
+            mixed = _ShakeCombine.apply(a, b, alpha, beta)
+        else:
+            mixed = 0.5 * (a + b)
+        return mixed + self.shortcut(x)
+
+
+class ShakeShakeCifar(_PooledLinearHead):
+    """Shake-Shake-26 for CIFAR: 3x3 stem (16) + BN + ReLU, three stages of `(depth - 2) / 6` blocks of widths
+    w, 2w, 4w (strides 1, 2, 2), ReLU, global average pool, linear."""
+
+    def __init__(self, depth: int = 26, width: int = 96, num_classes: int = 10, in_chans: int = 3,
+                 head_drop_rate: float = 0.0):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ModelArgumentError(f"Shake-Shake depth must be 6n + 2, got {depth}.")
+        self.stem = nn.Sequential(_conv3x3(in_chans, 16), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+        blocks, in_chs = [], 16
+        for stage, out_chs in enumerate((width, 2 * width, 4 * width)):
+            for i in range((depth - 2) // 6):
+                blocks.append(ShakeBlock(in_chs, out_chs, 2 if stage > 0 and i == 0 else 1))
+                in_chs = out_chs
+        self.stages = nn.Sequential(*blocks)
+        self._init_head(in_chs, num_classes, head_drop_rate)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: (B, in_chans, H, W). Returns: (B, 4 * width, H/4, W/4) after the final ReLU."""
+        return torch.relu(self.stages(self.stem(x)))
+
+
+@_register
+def shake_shake26_2x96d_cifar(
+    pretrained: bool = False,
+    num_classes: int = 10,
+    in_chans: int = 3,
+    drop_rate: float = 0.0,
+    **kwargs: Any,
+) -> ShakeShakeCifar:
+    """Shake-Shake 26 2x96d (~26.2M parameters for 10 classes), the ResizeMix paper's second CIFAR model;
+    `drop_rate` is head dropout (0, as in the paper)."""
+    _entry_kwargs("shake_shake26_2x96d_cifar", pretrained, kwargs, ("num_classes", "in_chans", "drop_rate"))
+    return ShakeShakeCifar(26, 96, num_classes=num_classes, in_chans=in_chans, head_drop_rate=drop_rate)
+
+
 MODEL_NAMES = (
     "preact_resnet18_cifar",
     "resnet18_cifar",
+    "resnet50_cifar",
     "wrn28_10_cifar",
+    "shake_shake26_2x96d_cifar",
     "vit_tiny_patch4_32",
     "vit_small_patch4_32",
     "mlp_regression",

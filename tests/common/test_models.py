@@ -278,3 +278,119 @@ def test_mlp_regression_matches_official_layers():
     assert all(p.grad is not None for p in model.parameters())
     wide = build_model("mlp_regression", num_classes=3, in_features=8)
     assert wide(torch.randn(4, 8)).shape == (4, 3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bottleneck ResNet-50 with the CIFAR stem (RankMixup)
+
+
+def _bottleneck_resnet_count(planes: list[int], depths: list[int], num_classes: int) -> int:
+    """Stem conv + BN; per block 1x1, 3x3, 1x1 (x4) convs each with BN (+ 1x1 conv + BN shortcut); fc."""
+    total, in_chs = _conv(3, planes[0], 3) + _bn(planes[0]), planes[0]
+    for stage, (width, depth) in enumerate(zip(planes, depths, strict=True)):
+        for block in range(depth):
+            stride = 2 if stage > 0 and block == 0 else 1
+            total += _conv(in_chs, width, 1) + _bn(width) + _conv(width, width, 3) + _bn(width)
+            total += _conv(width, 4 * width, 1) + _bn(4 * width)
+            if stride != 1 or in_chs != 4 * width:
+                total += _conv(in_chs, 4 * width, 1) + _bn(4 * width)
+            in_chs = 4 * width
+    return total + _linear(in_chs, num_classes)
+
+
+def test_resnet50_cifar_param_count_and_shapes():
+    expected = _bottleneck_resnet_count([64, 128, 256, 512], [3, 4, 6, 3], 10)
+    assert expected == 23_520_842  # kuangliu/pytorch-cifar ResNet50 (= RankMixup's resnet50_cifar)
+    model = timm.create_model("resnet50_cifar", num_classes=10).eval()
+    assert _num_params(model) == expected
+    assert [len(stage) for stage in model.stages] == [3, 4, 6, 3]
+    assert model.num_features == 2048 and not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
+    seen = {}
+    model.stem.register_forward_hook(lambda module, inputs, output: seen.update(stem=output))
+    images = torch.randn(2, 3, 32, 32)
+    features = model.forward_features(images)
+    assert seen["stem"].shape == (2, 64, 32, 32) and (seen["stem"] >= 0).all()
+    assert features.shape == (2, 2048, 4, 4)
+    # the official head: F.avg_pool2d(out, 4), flatten, linear
+    pooled = F.avg_pool2d(features, 4).flatten(1)
+    torch.testing.assert_close(model(images), F.linear(pooled, model.fc.weight, model.fc.bias))
+
+
+def test_bottleneck_matches_hand_computation():
+    block = models.Bottleneck(8, 4, stride=2).eval()
+    bns = [block.bn1, block.bn2, block.bn3, block.shortcut[1]]
+    for bn in bns:
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 2)
+        bn.bias.data.uniform_(-1, 1)
+    x = torch.randn(2, 8, 8, 8)
+
+    def bn_eval(bn, t):
+        return F.batch_norm(t, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+    out = torch.relu(bn_eval(block.bn1, F.conv2d(x, block.conv1.weight)))
+    # the stride sits on the 3x3 conv, not on the first 1x1
+    out = torch.relu(bn_eval(block.bn2, F.conv2d(out, block.conv2.weight, stride=2, padding=1)))
+    out = bn_eval(block.bn3, F.conv2d(out, block.conv3.weight))
+    shortcut = bn_eval(block.shortcut[1], F.conv2d(x, block.shortcut[0].weight, stride=2))
+    expected = torch.relu(out + shortcut)
+    assert expected.shape == (2, 16, 4, 4)
+    torch.testing.assert_close(block(x), expected)
+    identity = models.Bottleneck(16, 4).eval()
+    assert isinstance(identity.shortcut, nn.Identity)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shake-Shake 26 2x96d (ResizeMix paper's CIFAR model)
+
+
+def _shake_shake_count(width: int, blocks_per_stage: int, num_classes: int) -> int:
+    """Stem conv + BN; per block two branches (conv3x3, BN, conv3x3, BN) and, on a shape change, two 1x1
+    convs to half the width + BN; fc."""
+    total, in_chs = _conv(3, 16, 3) + _bn(16), 16
+    for stage, out_chs in enumerate((width, 2 * width, 4 * width)):
+        for block in range(blocks_per_stage):
+            total += 2 * (_conv(in_chs, out_chs, 3) + _bn(out_chs) + _conv(out_chs, out_chs, 3) + _bn(out_chs))
+            if (stage > 0 and block == 0) or in_chs != out_chs:
+                total += 2 * _conv(in_chs, out_chs // 2, 1) + _bn(out_chs)
+            in_chs = out_chs
+    return total + _linear(in_chs, num_classes)
+
+
+def test_shake_shake_param_count_and_shapes():
+    model = timm.create_model("shake_shake26_2x96d_cifar", num_classes=10)
+    count = _shake_shake_count(96, 4, 10)
+    assert _num_params(model) == count and abs(count - 26.2e6) / 26.2e6 < 0.01  # 26.2M in the Shake-Shake paper
+    assert model.forward_features(torch.randn(1, 3, 32, 32)).shape == (1, 384, 8, 8)
+
+
+def test_shake_combine_mixes_forward_by_alpha_and_backward_by_beta():
+    a, b = torch.randn(3, 2, 4, 4, requires_grad=True), torch.randn(3, 2, 4, 4, requires_grad=True)
+    alpha, beta = torch.rand(3, 1, 1, 1), torch.rand(3, 1, 1, 1)
+    out = models._ShakeCombine.apply(a, b, alpha, beta)
+    torch.testing.assert_close(out, alpha * a + (1 - alpha) * b)
+    out.sum().backward()
+    torch.testing.assert_close(a.grad, beta.expand_as(a))
+    torch.testing.assert_close(b.grad, (1 - beta).expand_as(b))
+
+
+def test_shake_block_averages_branches_at_eval_and_shakes_in_training():
+    block = models.ShakeBlock(4, 4).eval()
+    x = torch.randn(2, 4, 8, 8)
+    branches = [branch(x) for branch in block.branches]
+    torch.testing.assert_close(block(x), 0.5 * (branches[0] + branches[1]) + x)
+    block.train()
+    first, second = block(x), block(x)
+    assert not torch.allclose(first, second)  # a fresh alpha per call
+
+
+def test_shake_shortcut_second_path_is_shifted_by_one_pixel():
+    shortcut = models._ShakeShortcut(2, 4, stride=2)
+    x = torch.randn(1, 2, 8, 8)
+    y = shortcut(x)
+    assert y.shape == (1, 4, 4, 4)
+    relu = torch.relu(x)
+    first = shortcut.conv1(relu[:, :, ::2, ::2])
+    second = shortcut.conv2(F.pad(relu[:, :, 1:, 1:], (0, 1, 0, 1))[:, :, ::2, ::2])
+    torch.testing.assert_close(y, shortcut.bn(torch.cat([first, second], dim=1)))
