@@ -38,7 +38,7 @@ class DataConfig:
     # there (common/fastdata.py); same augmentation law as the standard DataLoader path
     device_cache: bool = False
     val_split: int = 0  # hold out this many training examples as the evaluation split
-    split_seed: int = 0
+    split_seed: int | None = 0  # null: the run's seed (a new split per seed, as C-Mixup's official code)
 
 
 @dataclass

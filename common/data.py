@@ -2,7 +2,9 @@
 
 `build_datasets(name, ...)` returns `(train_ds, eval_ds, info)`. Image datasets yield
 `(image (C, H, W) float32 normalised, int label)`; regression datasets yield
-`(features (D,) float32, target (1,) float32)`.
+`(features (D,) float32, target (1,) float32)` (time series: `(window (P, m), next values (m,))`).
+Some datasets bring their own validation split and normalisation (C-Mixup's Airfoil, NO2 and time
+series, specs/cmixup.md §3); `build_splits` returns it as the validation split.
 
 Where the data comes from, in order (the first that exists wins, and `DataInfo.source` records it):
 
@@ -54,7 +56,15 @@ MIXUP_OFFICIAL_MEAN, MIXUP_OFFICIAL_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1
 RECIPES = ("cifar", "mixup_official", "deit", "deit_noerase")
 AIRFOIL_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/00291/airfoil_self_noise.dat"
 AIRFOIL_FILE = "airfoil_self_noise.dat"
-AIRFOIL_SPLIT_SEED = 0  # fixed so every run and method sees the same 80/20 split
+AIRFOIL_ROWS = 1503
+AIRFOIL_SPLIT = (1003, 300, 200)  # C-Mixup src/data/airfoil.py: train / valid / test after the shuffle
+NO2_FILES = tuple(f"{xy}_{split}.npy" for xy in ("x", "y") for split in ("train", "valid", "test"))
+# C-Mixup's time series (LSTNet data, laiguokun/multivariate-time-series-data): file, window, horizon
+TIME_SERIES = {
+    "exchange-rate": ("exchange_rate.txt", 24 * 7, 12),
+    "electricity": ("electricity.txt", 24 * 7, 24),
+}
+TIME_SERIES_URL = "https://github.com/laiguokun/multivariate-time-series-data"
 
 
 @dataclass
@@ -93,14 +103,22 @@ class _RawSplits:
     info: DataInfo
     default_recipe: str | None = None
     native_size: int | None = None  # side of the stored images when all share one (CIFAR: 32)
-    stats: tuple[tuple, tuple] | None = None  # (mean, std) for the 'cifar' recipe
+    # (mean, std) for the 'cifar' recipe; for tabular data the normalisation the dataset prescribes
+    # (features become (x - mean) / std), instead of standardising on the training rows
+    stats: tuple[tuple, tuple] | None = None
+    val: Any = None  # the dataset's own validation split, if it has one (then val_split must be 0)
 
 
-_DATASETS: dict[str, Callable[[Path | None, bool], _RawSplits]] = {}
+_DATASETS: dict[str, Callable[..., _RawSplits]] = {}
+_SEEDED_SPLITS: set[str] = set()
 
 
-def register_dataset(name: str) -> Callable:
-    """Decorator registering `builder(root: Path | None, allow_download: bool) -> _RawSplits`."""
+def register_dataset(name: str, seeded_split: bool = False) -> Callable:
+    """Decorator registering `builder(root: Path | None, allow_download: bool) -> _RawSplits`.
+
+    With `seeded_split`, the builder also takes `split_seed` (the dataset's own split is seeded, as
+    C-Mixup's Airfoil permutation is).
+    """
 
     def decorator(builder: Callable) -> Callable:
         if name in _DATASETS:
@@ -109,6 +127,8 @@ def register_dataset(name: str) -> Callable:
                 f"{builder.__module__}); rename one of them."
             )
         _DATASETS[name] = builder
+        if seeded_split:
+            _SEEDED_SPLITS.add(name)
         return builder
 
     return decorator
@@ -234,6 +254,25 @@ class TabularDataset(Dataset):
         return self.features[index], self.targets[index]
 
 
+class WindowedSeries(Dataset):
+    """LSTNet-style samples of a multivariate series: `(series[t-h-P+1 : t-h+1] (P, m), series[t] (m,))`.
+
+    Mirrors `Data_utility._batchify` (C-Mixup `src/data/time_series.py`) without materialising the
+    `(n, P, m)` windows (Electricity: 3 GB); `targets` is `(n, m)`.
+    """
+
+    def __init__(self, series: torch.Tensor, rows: range, window: int, horizon: int):
+        self.series, self.rows, self.window, self.horizon = series, rows, window, horizon
+        self.targets = series[rows.start:rows.stop]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.rows[index] - self.horizon + 1
+        return self.series[end - self.window:end], self.targets[index]
+
+
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
@@ -304,7 +343,13 @@ def build_test_dataset(
 def _build(name, root, recipe, allow_download, val_split, split_seed, image_size):
     if name not in _DATASETS:
         raise unknown_name("dataset", name, _DATASETS)
-    raw = _DATASETS[name](Path(root).expanduser() if root is not None else None, allow_download)
+    extra = {"split_seed": split_seed} if name in _SEEDED_SPLITS else {}
+    raw = _DATASETS[name](Path(root).expanduser() if root is not None else None, allow_download, **extra)
+    if raw.val is not None and val_split:
+        raise ReproError(
+            f"dataset {name!r} has its own validation split ({len(raw.val)} examples), so "
+            f"data.val_split={val_split!r} cannot hold out another one; set data.val_split=0."
+        )
     train_idx, val_idx = _split_indices(len(raw.train), val_split, split_seed, name)
     info = copy.copy(raw.info)
 
@@ -314,12 +359,19 @@ def _build(name, root, recipe, allow_download, val_split, split_seed, image_size
                 f"dataset {name!r} is tabular and takes no augmentation recipe, got recipe={recipe!r}; "
                 "remove the recipe setting (or set it to 'default')."
             )
-        fit_rows = raw.train.features if train_idx is None else raw.train.features[train_idx]
-        mean, std = fit_rows.mean(axis=0), fit_rows.std(axis=0)
-        std = np.where(std > 0, std, 1.0)  # a constant column stays constant instead of NaN
+        if not isinstance(raw.train, _Tabular):  # already a Dataset (time-series windows), normalised
+            return raw.train, raw.val, raw.test, info
+        if raw.stats is not None:  # the dataset's own normalisation (C-Mixup: min-max over all rows)
+            mean, std = (np.asarray(v, dtype=np.float64) for v in raw.stats)
+        else:
+            fit_rows = raw.train.features if train_idx is None else raw.train.features[train_idx]
+            mean, std = fit_rows.mean(axis=0), fit_rows.std(axis=0)
+            std = np.where(std > 0, std, 1.0)  # a constant column stays constant instead of NaN
         info.mean, info.std = tuple(mean.tolist()), tuple(std.tolist())
         train_full = TabularDataset(raw.train.features, raw.train.targets, mean, std)
         test_ds = TabularDataset(raw.test.features, raw.test.targets, mean, std)
+        if raw.val is not None:
+            return train_full, TabularDataset(raw.val.features, raw.val.targets, mean, std), test_ds, info
         if train_idx is None:
             return train_full, None, test_ds, info
         return Subset(train_full, train_idx), Subset(train_full, val_idx), test_ds, info
@@ -745,8 +797,14 @@ def _download(url: str, target: Path) -> None:
     partial.replace(target)  # atomic: an interrupted download never leaves a truncated file
 
 
-@register_dataset("airfoil")
-def _airfoil(root: Path | None, allow_download: bool) -> _RawSplits:
+@register_dataset("airfoil", seeded_split=True)
+def _airfoil(root: Path | None, allow_download: bool, split_seed: int = 0) -> _RawSplits:
+    """C-Mixup's Airfoil split (`src/data/airfoil.py`): 1,003 train / 300 valid / 200 test rows.
+
+    The rows are shuffled by `np.random.permutation` right after `set_seed(seed)`, i.e. the permutation
+    of `RandomState(split_seed)` (official: split_seed = the run's seed). Inputs are min-max scaled with
+    the min and max of all 1,503 rows (so they lie in [0, 1]); the target (dB) is left as is.
+    """
     folders, tried = _local_candidates("airfoil", root)
     cache = _cache_dir("airfoil") / AIRFOIL_FILE
     candidates = [f if f.suffix == ".dat" else f / AIRFOIL_FILE for f in folders] + [cache]
@@ -768,11 +826,97 @@ def _airfoil(root: Path | None, allow_download: bool) -> _RawSplits:
             f"(download it from {AIRFOIL_URL})."
         )
     table = _read_airfoil(path)
-    # A seeded 80/20 permutation split for now; the C-Mixup official split will replace it when the
-    # C-Mixup paper package lands, so numbers from this split are not comparable with the paper.
-    order = np.random.default_rng(AIRFOIL_SPLIT_SEED).permutation(len(table))
-    n_train = round(0.8 * len(table))
-    train = _Tabular(table[order[:n_train], :5], table[order[:n_train], 5])
-    test = _Tabular(table[order[n_train:], :5], table[order[n_train:], 5])
-    info = DataInfo("airfoil", "regression", 1, None, None, None, f"file:{path} sha256={_sha256(path)}")
-    return _RawSplits(train, test, info)
+    if len(table) != AIRFOIL_ROWS:
+        raise ReproError(
+            f"{path} has shape {table.shape}, expected ({AIRFOIL_ROWS}, 6); re-download it from {AIRFOIL_URL}."
+        )
+    table = table[airfoil_permutation(split_seed)]
+    x_min, x_max = table[:, :5].min(axis=0), table[:, :5].max(axis=0)
+    n_train, n_val, _ = AIRFOIL_SPLIT
+    parts = [slice(0, n_train), slice(n_train, n_train + n_val), slice(n_train + n_val, AIRFOIL_ROWS)]
+    train, val, test = (_Tabular(table[part, :5], table[part, 5]) for part in parts)
+    info = DataInfo("airfoil", "regression", 1, None, None, None,
+                    f"file:{path} sha256={_sha256(path)} split_seed={split_seed}")  # fmt: skip
+    return _RawSplits(train, test, info, stats=(tuple(x_min), tuple(x_max - x_min)), val=val)
+
+
+def airfoil_permutation(split_seed: int) -> np.ndarray:
+    """Row order of the official Airfoil split: `np.random.seed(seed); np.random.permutation(1503)`."""
+    return np.random.RandomState(int(split_seed) % 2**32).permutation(AIRFOIL_ROWS)
+
+
+# --------------------------------------------------------------------------------------------
+# C-Mixup's other in-distribution sets: NO2 (authors' .npy splits), Exchange-Rate, Electricity
+# --------------------------------------------------------------------------------------------
+
+
+def _find_files(name: str, root: Path | None, files: Sequence[str], where: str) -> Path:
+    """The first candidate folder holding every one of `files`, else a ReproError saying what to put where."""
+    folders, tried = _local_candidates(name, root)
+    for folder in folders:
+        if all((folder / f).is_file() for f in files):
+            return folder
+    missing = [str(folder / f) for folder in folders for f in files if not (folder / f).is_file()]
+    raise ReproError(
+        f"dataset {name!r} not found (it is not downloaded automatically). Tried: {'; '.join(tried)}"
+        + (f"; missing: {', '.join(missing)}" if missing else "")
+        + f". Fix: put {', '.join(files)} in ${DATA_ROOT_ENV}/{name}/ or set data.root to their folder; {where}."
+    )
+
+
+@register_dataset("no2")
+def _no2(root: Path | None, allow_download: bool) -> _RawSplits:
+    """NO2 (7 inputs) in the authors' fixed splits, used as shipped (`src/data/no2.py`: no rescaling)."""
+    folder = _find_files("no2", root, NO2_FILES, "they are the .npy splits shipped with huaxiuyao/C-Mixup "
+                         "(src/data/NO2/)")
+    arrays = {}
+    for file in NO2_FILES:
+        try:
+            arrays[file[:-4]] = np.load(folder / file).astype(np.float64)
+        except (OSError, ValueError) as err:
+            raise ReproError(f"cannot read {folder / file} ({err}); re-copy it from the C-Mixup repository.") from err
+    splits = {}
+    for split in ("train", "valid", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"].reshape(len(arrays[f"y_{split}"]), -1)
+        if x.ndim != 2 or len(x) != len(y) or y.shape[1] != 1:
+            raise ReproError(
+                f"{folder}: x_{split}.npy {x.shape} and y_{split}.npy {y.shape} do not pair up as (N, D) "
+                "inputs and (N, 1) targets; re-copy the C-Mixup NO2 files."
+            )
+        splits[split] = _Tabular(x, y[:, 0])
+    dim = splits["train"].features.shape[1]
+    info = DataInfo("no2", "regression", 1, None, None, None, f"folder:{folder}")
+    return _RawSplits(splits["train"], splits["test"], info, stats=((0.0,) * dim, (1.0,) * dim),
+                      val=splits["valid"])  # fmt: skip
+
+
+def _time_series(name: str, root: Path | None) -> _RawSplits:
+    """LSTNet split of C-Mixup's `Data_utility` (normalize=2): each series divided by its max |value| over
+    the whole file; rows [P + h - 1, 0.6 n) train, [0.6 n, 0.8 n) valid, [0.8 n, n) test."""
+    file, window, horizon = TIME_SERIES[name]
+    folder = _find_files(name, root, [file], f"{file} is in {TIME_SERIES_URL} (unzip it)")
+    try:
+        raw = np.loadtxt(folder / file, delimiter=",", ndmin=2)
+    except ValueError as err:
+        raise ReproError(f"cannot parse {folder / file} ({err}); it should be comma-separated numbers.") from err
+    n, m = raw.shape
+    if n < window + horizon + 5:
+        raise ReproError(f"{folder / file} has {n} rows; a window of {window} + horizon {horizon} needs more.")
+    scale = np.abs(raw).max(axis=0)
+    series = torch.as_tensor(raw / np.where(scale > 0, scale, 1.0), dtype=torch.float32)
+    n_train, n_valid = int(0.6 * n), int((0.6 + 0.2) * n)
+    train, val, test = (WindowedSeries(series, rows, window, horizon) for rows in
+                        (range(window + horizon - 1, n_train), range(n_train, n_valid), range(n_valid, n)))
+    info = DataInfo(name, "regression", m, None, (0.0,) * m, tuple(scale.tolist()),
+                    f"file:{folder / file} sha256={_sha256(folder / file)}")
+    return _RawSplits(train, test, info, val=val)
+
+
+@register_dataset("exchange-rate")
+def _exchange_rate(root: Path | None, allow_download: bool) -> _RawSplits:
+    return _time_series("exchange-rate", root)
+
+
+@register_dataset("electricity")
+def _electricity(root: Path | None, allow_download: bool) -> _RawSplits:
+    return _time_series("electricity", root)

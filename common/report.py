@@ -14,6 +14,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import statistics
 import sys
 from collections import defaultdict
@@ -80,7 +81,7 @@ class Cell:
     def text(self) -> str:
         if not self.values:
             return MISSING
-        return f"{self.mean:.2f} ± {self.std:.2f}"
+        return f"{fmt(self.mean, like=self.mean)} ± {fmt(self.std, like=self.mean)}"
 
 
 def collect(paper: str, scale: str, experiment: str | None, method: str, statistic: str, metric: str,
@@ -100,9 +101,13 @@ def collect(paper: str, scale: str, experiment: str | None, method: str, statist
     return cell
 
 
-def fmt(value, digits=2, signed=False) -> str:
+def fmt(value, digits=2, signed=False, like=None) -> str:
+    """Two decimals for numbers of magnitude >= 1 (accuracies, errors); more for small ones (0.0236)."""
     if value is None:
         return MISSING
+    scale = abs(like) if like is not None else 1.0
+    if 0 < scale < 1:
+        digits = max(digits, 1 - math.floor(math.log10(scale)) + 2)  # three significant digits
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
@@ -134,13 +139,14 @@ def build_table(paper: str, scale: str, table_id: str, results: Path, root: Path
         rows.append({
             "setting": row["setting"], "method": row["method"],
             # "—": the paper (or its benchmark) published no number for this row
-            "paper": fmt(row.get("paper")) if row.get("paper") is not None else "—",
+            "paper": fmt(row.get("paper"), like=row.get("paper")) if row.get("paper") is not None else "—",
             "paper_verified": "yes" if row.get("verified") else "no",
             "ours": cell.text(), "n": f"{len(cell.values)}/{cell.expected}",
             "delta": fmt(cell.mean - row["paper"] if cell.values and row.get("paper") is not None else None,
-                         signed=True),
-            "paper_gain": fmt(paper_gain, signed=True) if row["method"] != baseline else "baseline",
-            "ours_gain": fmt(ours_gain, signed=True) if row["method"] != baseline else "baseline",
+                         signed=True, like=row.get("paper")),
+            "paper_gain": fmt(paper_gain, signed=True, like=row.get("paper")) if row["method"] != baseline
+            else "baseline",
+            "ours_gain": fmt(ours_gain, signed=True, like=cell.mean) if row["method"] != baseline else "baseline",
         })
     return spec, table, rows
 

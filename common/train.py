@@ -296,7 +296,8 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
     d = cfg.data
     train_ds, val_ds, test_ds, info = build_splits(
         d.name, root=d.root, recipe=d.recipe, allow_download=d.allow_download,
-        val_split=d.val_split, split_seed=d.split_seed, image_size=d.image_size,
+        val_split=d.val_split, split_seed=d.split_seed if d.split_seed is not None else cfg.seed,
+        image_size=d.image_size,
     )
     method = build_method(cfg.method, num_classes=info.num_classes,
                           label_smoothing=cfg.train.label_smoothing, task=info.task)

@@ -262,7 +262,8 @@ def test_out_of_range_labels_are_rejected(mini_as_cifar10):
 
 
 def test_registry():
-    assert {"cifar10", "cifar10-mini", "cifar100", "imagenet", "airfoil"} <= set(list_datasets())
+    assert {"cifar10", "cifar10-mini", "cifar100", "imagenet", "airfoil", "no2", "exchange-rate",
+            "electricity"} <= set(list_datasets())
     with pytest.raises(ReproError, match="registered twice"):
         register_dataset("cifar10")(lambda root, allow_download: None)
 
@@ -273,25 +274,26 @@ def test_registry():
 
 
 @pytest.mark.full_data
-def test_airfoil_from_shared_copy():
+def test_airfoil_official_split_from_shared_copy():
     folder = shared_copy("airfoil", data.AIRFOIL_FILE)
-    train_ds, test_ds, info = build_datasets("airfoil", root=folder, allow_download=False)
-    assert len(train_ds) + len(test_ds) == 1503 and len(train_ds) == 1202
+    train_ds, val_ds, test_ds, info = data.build_splits("airfoil", root=folder, allow_download=False, split_seed=3)
+    assert (len(train_ds), len(val_ds), len(test_ds)) == (1003, 300, 200)
     assert info.task == "regression" and info.num_classes == 1 and info.image_size is None
     features, target = train_ds[0]
     assert features.shape == (5,) and target.shape == (1,) and features.dtype == torch.float32
-    # Standardised with the training rows' statistics: exactly zero mean, unit std on train only.
-    torch.testing.assert_close(train_ds.features.mean(0), torch.zeros(5), atol=1e-5, rtol=0)
-    torch.testing.assert_close(train_ds.features.std(0, unbiased=False), torch.ones(5), atol=1e-5, rtol=0)
-    assert test_ds.features.mean(0).abs().max() > 1e-3
-    # Targets are the raw last column (dB), and train+test is a permutation of the file's rows.
-    raw = np.loadtxt(folder / data.AIRFOIL_FILE)
-    all_targets = torch.cat([train_ds.targets, test_ds.targets]).squeeze(1).numpy()
-    np.testing.assert_allclose(np.sort(all_targets), np.sort(raw[:, 5]).astype(np.float32))
-    unscaled = train_ds.features.numpy() * np.array(info.std) + np.array(info.mean)
-    # Each un-standardised training row is a row of the file (float32 precision).
-    matches = np.isclose(unscaled[:20, None, :], raw[None, :, :5], rtol=1e-5, atol=1e-5).all(axis=2)
-    assert matches.any(axis=1).all()
+    # C-Mixup src/data/airfoil.py, written out: seed, permute, min-max over all rows, 1003/300/200
+    np.random.seed(3)
+    lines = (folder / data.AIRFOIL_FILE).read_text().splitlines()
+    table = np.array([[float(v) for v in line.strip().split("\t")] for line in lines])
+    table = table[np.random.permutation(len(table))]
+    x = (table[:, :5] - table[:, :5].min(0)) / (table[:, :5].max(0) - table[:, :5].min(0))
+    for ds, rows in ((train_ds, slice(0, 1003)), (val_ds, slice(1003, 1303)), (test_ds, slice(1303, 1503))):
+        assert torch.equal(ds.features, torch.tensor(x[rows], dtype=torch.float32))
+        assert torch.equal(ds.targets, torch.tensor(table[rows, 5:], dtype=torch.float32))  # dB, untouched
+    # eval split of build_datasets is the validation split; another seed gives another split
+    assert len(build_datasets("airfoil", root=folder, allow_download=False)[1]) == 300
+    other = data.build_splits("airfoil", root=folder, allow_download=False, split_seed=4)[0]
+    assert not torch.equal(other.targets, train_ds.targets)
 
 
 @pytest.mark.full_data
@@ -377,24 +379,29 @@ def test_cifar100_parquet_with_fine_label(tmp_path, no_data_env):
 @pytest.fixture
 def synthetic_airfoil(tmp_path):
     rng = np.random.default_rng(1)
-    table = np.column_stack([rng.normal(loc=10.0 * k, scale=k + 1, size=100) for k in range(6)])
+    table = np.column_stack([rng.normal(loc=10.0 * k, scale=k + 1, size=1503) for k in range(6)])
     np.savetxt(tmp_path / data.AIRFOIL_FILE, table, delimiter="\t")
     return tmp_path, table
 
 
-def test_airfoil_standardises_on_training_rows(synthetic_airfoil, no_data_env):
+def test_airfoil_split_and_min_max_scaling(synthetic_airfoil, no_data_env):
     folder, table = synthetic_airfoil
-    train_ds, test_ds, info = build_datasets("airfoil", root=folder, allow_download=False)
-    assert (len(train_ds), len(test_ds)) == (80, 20)
+    train_ds, val_ds, test_ds, info = data.build_splits("airfoil", root=folder, allow_download=False, split_seed=7)
+    assert (len(train_ds), len(val_ds), len(test_ds)) == (1003, 300, 200)
     assert info.source.startswith(f"file:{folder / data.AIRFOIL_FILE} sha256=")
-    torch.testing.assert_close(train_ds.features.mean(0), torch.zeros(5), atol=1e-5, rtol=0)
-    # With a validation hold-out, the statistics come from the 60 remaining training rows only.
-    train_sub, val_sub, info_val = build_datasets("airfoil", root=folder, val_split=20, allow_download=False)
-    rows = torch.stack([train_sub[i][0] for i in range(len(train_sub))])
-    torch.testing.assert_close(rows.mean(0), torch.zeros(5), atol=1e-5, rtol=0)
-    assert (len(train_sub), len(val_sub)) == (60, 20) and info_val.mean != info.mean
-    targets = sorted(float(t) for _, t in list(train_sub) + list(val_sub) + list(test_ds))
-    np.testing.assert_allclose(targets, np.sort(table[:, 5]), rtol=1e-6)
+    order = data.airfoil_permutation(7)
+    np.random.seed(7)  # the official loader: set_seed(seed), then np.random.permutation(1503)
+    assert (order == np.random.permutation(1503)).all()
+    # disjoint and covering: the three splits' targets are the file's, in permutation order
+    targets = torch.cat([train_ds.targets, val_ds.targets, test_ds.targets]).squeeze(1)
+    torch.testing.assert_close(targets, torch.tensor(table[order, 5], dtype=torch.float32))
+    features = torch.cat([train_ds.features, val_ds.features, test_ds.features])
+    assert features.min() == 0 and features.max() == 1  # min/max over ALL rows, not only train
+    assert (features.amin(0) == 0).all() and (features.amax(0) == 1).all()
+    np.testing.assert_allclose(info.mean, table[:, :5].min(0))
+    np.testing.assert_allclose(np.array(info.std), table[:, :5].max(0) - table[:, :5].min(0))
+    with pytest.raises(ReproError, match="own validation split \\(300 examples\\)"):
+        build_datasets("airfoil", root=folder, val_split=20, allow_download=False)
 
 
 def test_airfoil_errors(tmp_path, synthetic_airfoil, no_data_env, monkeypatch):
@@ -407,3 +414,61 @@ def test_airfoil_errors(tmp_path, synthetic_airfoil, no_data_env, monkeypatch):
     (folder / data.AIRFOIL_FILE).write_text("1 2 3\n4 5 6\n")
     with pytest.raises(ReproError, match="expected \\(1503, 6\\)"):
         build_datasets("airfoil", root=folder, allow_download=False)
+    (folder / data.AIRFOIL_FILE).write_text("1 2 3 4 5 6\n4 5 6 7 8 9\n")
+    with pytest.raises(ReproError, match="expected \\(1503, 6\\)"):
+        build_datasets("airfoil", root=folder, allow_download=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# C-Mixup's other in-distribution datasets: local files only, clear errors when absent
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,files", [("no2", ["x_train.npy", "y_valid.npy"]),
+                                        ("exchange-rate", ["exchange_rate.txt"]),
+                                        ("electricity", ["electricity.txt"])])
+def test_local_only_datasets_say_what_to_put_where(tmp_path, monkeypatch, name, files):
+    monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path))
+    with pytest.raises(ReproError) as info:
+        build_datasets(name, allow_download=True)
+    message = str(info.value)
+    assert f"$REPRO_DATA_DIR/{name}/" in message and str(tmp_path / name) in message
+    assert all(f in message for f in files)
+    monkeypatch.delenv(DATA_ROOT_ENV)
+    with pytest.raises(ReproError, match="REPRO_DATA_DIR is not set"):
+        build_datasets(name)
+
+
+def test_no2_uses_the_shipped_splits_as_is(tmp_path):
+    rng = np.random.default_rng(0)
+    sizes = {"train": 20, "valid": 6, "test": 5}
+    for split, n in sizes.items():
+        np.save(tmp_path / f"x_{split}.npy", rng.normal(size=(n, 7)))
+        np.save(tmp_path / f"y_{split}.npy", rng.normal(size=(n, 1)))
+    train_ds, val_ds, test_ds, info = data.build_splits("no2", root=tmp_path, allow_download=False)
+    assert (len(train_ds), len(val_ds), len(test_ds)) == (20, 6, 5) and info.num_classes == 1
+    torch.testing.assert_close(val_ds.features, torch.tensor(np.load(tmp_path / "x_valid.npy"), dtype=torch.float32))
+    torch.testing.assert_close(test_ds.targets, torch.tensor(np.load(tmp_path / "y_test.npy"), dtype=torch.float32))
+    np.save(tmp_path / "y_test.npy", rng.normal(size=(4, 1)))
+    with pytest.raises(ReproError, match="do not pair up"):
+        data.build_splits("no2", root=tmp_path, allow_download=False)
+
+
+def test_time_series_windows_follow_lstnet(tmp_path):
+    n, m = 400, 3
+    series = np.random.default_rng(0).normal(size=(n, m)) * np.array([1.0, 10.0, 100.0])
+    np.savetxt(tmp_path / "exchange_rate.txt", series, delimiter=",")
+    train_ds, val_ds, test_ds, info = data.build_splits("exchange-rate", root=tmp_path, allow_download=False)
+    window, horizon = 168, 12
+    assert info.num_classes == m and info.std == tuple(np.abs(series).max(0))
+    assert (len(train_ds), len(val_ds), len(test_ds)) == (240 - (window + horizon - 1), 80, 80)
+    scaled = series / np.abs(series).max(0)
+    # Data_utility._batchify: target row t, window rows [t - h - P + 1, t - h + 1)
+    for ds, first in ((train_ds, window + horizon - 1), (val_ds, 240), (test_ds, 320)):
+        for k in (0, len(ds) - 1):
+            x, y = ds[k]
+            t = first + k
+            assert x.shape == (window, m) and y.shape == (m,)
+            torch.testing.assert_close(x, torch.tensor(scaled[t - horizon + 1 - window:t - horizon + 1], dtype=torch.float32))
+            torch.testing.assert_close(y, torch.tensor(scaled[t], dtype=torch.float32))
+    assert train_ds.targets.shape == (len(train_ds), m)

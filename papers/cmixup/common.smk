@@ -1,0 +1,36 @@
+# Helper functions of the C-Mixup rules (papers/cmixup/workflow.smk).
+CMIXUP_STAMPS = {
+    "smoke": "smoke scale: Airfoil, 3 epochs, 1 seed, CPU; numbers meaningless, only the pipeline is tested",
+    "proxy": "proxy scale = the official Airfoil recipe (100 epochs, batch 16), on a CPU",
+    "paper": "paper scale: the official settings on every dataset we have",
+}
+
+
+def cmixup_paper_targets():
+    """The shared tables of `paper_targets`, without the shared image-only figures (mixed_examples shows
+    CIFAR images, curves plot top-1): for this tabular paper cmixup_fig_rmse and cmixup_fig_kernel replace them."""
+    return [t for t in paper_targets("cmixup") if not os.path.basename(t).startswith(("mixed_examples.", "curves_"))]
+
+
+def cmixup_experiments():
+    return grid.experiments("cmixup", SCALE)
+
+
+def cmixup_experiment_runs(wildcards):
+    return [run for run in grid.runs("cmixup", wildcards.scale, SEEDS) if run.experiment == wildcards.experiment]
+
+
+def cmixup_rmse_inputs(wildcards):
+    return grid_metrics("cmixup", {wildcards.experiment})
+
+
+def cmixup_rmse_runs(wildcards):
+    return " ".join(f"{run.method}={run.folder}" for run in cmixup_experiment_runs(wildcards))
+
+
+def cmixup_config(wildcards):
+    return str(grid.config_path("cmixup", wildcards.scale, wildcards.experiment))
+
+
+def cmixup_stamp(wildcards):
+    return CMIXUP_STAMPS[wildcards.scale]

@@ -1,0 +1,119 @@
+"""C-Mixup figures: test RMSE per method with its seeds, and the partner-label law of the kernel.
+
+``python -m papers.cmixup.figures rmse --runs LABEL=RUN_DIR [...] --out STEM --stamp TEXT``
+``python -m papers.cmixup.figures kernel --config EXPERIMENT.yaml --out STEM --stamp TEXT``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from common.config import read_yaml
+from common.errors import ReproError
+from common.plots import plot_seed_bars
+from papers.cmixup.method import pair_probability_rows
+
+KERNEL_METHODS = ("cmixup", "cmixup_batch")
+
+
+def rmse_figure(runs: list[tuple[str, Path]], stem: Path, stamp: str, statistic: str = "selected") -> dict:
+    """Bars of the test RMSE (`statistic` of metrics.json) per method label, one dot per finished seed."""
+    values: dict[str, list[float]] = {}
+    for label, folder in runs:
+        values.setdefault(label, [])
+        metrics_file = Path(folder) / "metrics.json"
+        if metrics_file.exists():
+            metrics = json.loads(metrics_file.read_text())
+            summary = metrics[statistic]["test"] if statistic == "selected" else metrics[statistic]
+            values[label].append(summary["rmse"])
+    experiment = Path(runs[0][1]).parts[-3] if runs else "?"
+    title = f"C-Mixup, {experiment}: test RMSE\nof the best-validation epoch (lower is better)"
+    return plot_seed_bars(values, stem, title=title, ylabel="test RMSE (label units)", stamp=stamp)
+
+
+def kernel_figure(config: Path, stem: Path, stamp: str, quantiles=(0.1, 0.5, 0.9), bins: int = 40) -> dict:
+    """Law of the partner's label for a few anchors: uniform partners vs the C-Mixup kernel of the config."""
+    from common.data import build_splits
+
+    raw = read_yaml(config)
+    kernel = [m for m in (raw.get("methods") or {}).values() if (m or {}).get("name") in KERNEL_METHODS]
+    if not kernel:
+        raise ReproError(f"{config} has no C-Mixup method ({', '.join(KERNEL_METHODS)}) whose bandwidth to draw.")
+    bandwidth = float(kernel[0].get("bandwidth", 1.75))
+    data = raw.get("data", {})
+    train_ds, *_ = build_splits(data["name"], root=data.get("root"), allow_download=False,
+                                split_seed=data.get("split_seed", 0))
+    labels = train_ds.targets.double().reshape(len(train_ds), -1)
+    if labels.shape[1] != 1:
+        raise ReproError(f"the kernel figure draws scalar labels; {data['name']} has {labels.shape[1]}-dim labels.")
+    y = labels[:, 0].numpy()
+    anchors = [int(np.argmin(np.abs(y - np.quantile(y, q)))) for q in quantiles]
+    rows = pair_probability_rows(labels[anchors], labels, bandwidth).numpy()
+    edges = np.linspace(y.min(), y.max(), bins + 1)
+    fig, axes = plt.subplots(1, len(anchors), figsize=(4.2 * len(anchors), 3.8), sharey=True)
+    drawn = {}
+    for ax, anchor, row in zip(np.atleast_1d(axes), anchors, rows, strict=True):
+        uniform = np.full(len(y), 1.0 / len(y))
+        for weights, name, color in ((uniform, "mixup: uniform", "tab:gray"),
+                                     (row, f"C-Mixup: σ = {bandwidth:g}", "tab:red")):
+            mass, _ = np.histogram(y, bins=edges, weights=weights)
+            gap = float((weights * np.abs(y - y[anchor])).sum())
+            ax.stairs(mass, edges, fill=True, alpha=0.45, color=color, label=f"{name}, E|Δy| = {gap:.2f}")
+            drawn[(anchor, name.split(":")[0])] = mass
+        ax.axvline(y[anchor], color="black", lw=1.2, ls="--", label=f"anchor y = {y[anchor]:.2f}")
+        ax.set(xlabel="partner label y (label units)",
+               title=f"anchor at the {quantiles[anchors.index(anchor)]:.0%} label quantile\n"
+                     f"P(partner = itself) = {row[anchor]:.3f}")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel("probability of the partner's label bin")
+    fig.suptitle(f"C-Mixup partner law on {data['name']} ({len(y)} training labels): uniform vs label kernel")
+    fig.text(0.01, 0.01, stamp, fontsize=7, style="italic")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(stem.with_suffix(".png"), dpi=150)
+    fig.savefig(stem.with_suffix(".pdf"))
+    plt.close(fig)
+    return drawn
+
+
+def _pair(text: str) -> tuple[str, Path]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--runs entries look like LABEL=RUN_DIR, got {text!r}")
+    label, folder = text.split("=", 1)
+    return label, Path(folder)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m papers.cmixup.figures")
+    sub = parser.add_subparsers(dest="figure", required=True)
+    r = sub.add_parser("rmse")
+    r.add_argument("--runs", nargs="+", type=_pair, required=True)
+    k = sub.add_parser("kernel")
+    k.add_argument("--config", required=True)
+    for p in (r, k):
+        p.add_argument("--out", required=True)
+        p.add_argument("--stamp", default="")
+    args = parser.parse_args(argv)
+    try:
+        if args.figure == "rmse":
+            rmse_figure(args.runs, Path(args.out), args.stamp)
+        else:
+            kernel_figure(Path(args.config), Path(args.out), args.stamp)
+    except ReproError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
