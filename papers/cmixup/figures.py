@@ -51,7 +51,7 @@ def kernel_figure(config: Path, stem: Path, stamp: str, quantiles=(0.1, 0.5, 0.9
     bandwidth = float(kernel[0].get("bandwidth", 1.75))
     data = raw.get("data", {})
     train_ds, *_ = build_splits(data["name"], root=data.get("root"), allow_download=False,
-                                split_seed=data.get("split_seed", 0))
+                                split_seed=data.get("split_seed") or 0)  # null (one split per seed): seed 0's
     labels = train_ds.targets.double().reshape(len(train_ds), -1)
     if labels.shape[1] != 1:
         raise ReproError(f"the kernel figure draws scalar labels; {data['name']} has {labels.shape[1]}-dim labels.")
