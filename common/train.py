@@ -479,7 +479,10 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
         write_json(out / "provenance.json", provenance(
             digest, wall, accelerator.num_processes,
             extra={"command": command, "data_source": info.source, "experiment": cfg.experiment,
-                   "paper": cfg.paper, "scale": cfg.scale},
+                   "paper": cfg.paper, "scale": cfg.scale,
+                   # a copy of the result: if a workflow deletes metrics.json to retrain after a config
+                   # change, supersede() keeps this file, so the old result is never lost
+                   "metrics": metrics},
         ))
         write_json(out / "metrics.json", metrics)  # written last: its presence means "finished"
         print(f"[repro] finished {out} in {wall / 60:.1f} min: "

@@ -108,9 +108,44 @@ def gpu_share(paper: str, scale: str, experiment: str, pack: int = 1, root: Path
     return resources(paper, scale, experiment, root)["gpus"] * 100 // max(1, pack)
 
 
+def train_command(run: Run, pack: int = 1, root: Path = REPO_ROOT) -> list[str]:
+    """The full command that trains one run of the grid (what the workflow's train rule executes)."""
+    return [*launch_command(run.paper, run.scale, run.experiment, pack, root).split(),
+            "--config", str(config_path(run.paper, run.scale, run.experiment, root)), "--method", run.method,
+            "--output", run.folder, "--on-config-change", "restart", f"seed={run.seed}"]
+
+
+def main(argv=None) -> int:
+    """``python -m common.workflow train --paper P --scale S --experiment E --method M --seed K [--pack N]``.
+
+    The train rule calls this instead of spelling the command out, so the rule's params hold only the run's
+    config hash: paths, packing and launcher details never make Snakemake retrain a finished run."""
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser(prog="python -m common.workflow")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train one run of the grid")
+    for key in ("paper", "scale", "experiment", "method"):
+        train.add_argument(f"--{key}", required=True)
+    train.add_argument("--seed", type=int, required=True)
+    train.add_argument("--pack", type=int, default=1)
+    args = parser.parse_args(argv)
+    command = train_command(Run(args.paper, args.scale, args.experiment, args.method, args.seed), args.pack)
+    print("[workflow] " + " ".join(command), flush=True)
+    os.execvp(command[0], command)
+    return 0  # not reached
+
+
 def run_config_hash(paper: str, scale: str, experiment: str, method: str, seed: int, root: Path = REPO_ROOT) -> str:
     """Hash of one run's resolved config: the workflow retrains a run only when this changes."""
     from common.config import config_hash, load_config
 
     cfg = load_config(config_path(paper, scale, experiment, root), [f"seed={seed}"], method_label=method)
     return config_hash(cfg)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -67,23 +67,10 @@ def paper_targets(paper):
     return targets
 
 
-def train_config(wildcards):
-    return str(grid.config_path(wildcards.paper, wildcards.scale, wildcards.experiment))
-
-
-def train_launch(wildcards):
-    return grid.launch_command(wildcards.paper, wildcards.scale, wildcards.experiment, PACK)
-
-
 def train_config_hash(wildcards):
     # a param: Snakemake reruns a finished run only when its resolved config changes
     return grid.run_config_hash(wildcards.paper, wildcards.scale, wildcards.experiment,
                                 wildcards.method, int(wildcards.seed))
-
-
-def run_folder(wildcards):
-    return grid.Run(wildcards.paper, wildcards.scale, wildcards.experiment, wildcards.method,
-                    int(wildcards.seed)).folder
 
 
 def _resource(wildcards, key):

@@ -12,21 +12,21 @@ rule train:
     log:
         "logs/train/{paper}/{scale}/{experiment}/{method}/seed{seed}.log",
     params:
-        launch=train_launch,
-        config=train_config,
-        folder=run_folder,
+        # the only param: Snakemake retrains a finished run when (and only when) its resolved config changes
         config_hash=train_config_hash,
     threads: train_cpus
     resources:
         gpu=train_gpus,
         gpu_share=train_gpu_share,
+        pack=PACK,
         mem_mb=train_mem_mb,
         runtime=train_runtime,
         cpus_per_task=train_cpus,
     shell:
         # pin intra-op threads to the job's cores: oversubscribed small ops run many times slower
-        "OMP_NUM_THREADS={threads} {params.launch} --config {params.config} --method {wildcards.method} --output {params.folder} "
-        "--on-config-change restart seed={wildcards.seed} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m common.workflow train --paper {wildcards.paper} "
+        "--scale {wildcards.scale} --experiment {wildcards.experiment} --method {wildcards.method} "
+        "--seed {wildcards.seed} --pack {resources.pack} > {log} 2>&1"
 
 
 rule table:

@@ -240,3 +240,18 @@ def test_validation_split_reports_the_selected_epochs_test_metrics(tmp_path):
     assert chosen["test"]["ts_ece"] == row["test_ts_ece"]
     rel = chosen["reliability"]["test_ts"]
     assert sum(rel["count"]) == 200 and len(rel["count"]) == 15
+
+
+def test_config_change_under_the_workflow_keeps_the_old_result(tmp_path):
+    """--on-config-change restart (the workflow's) moves the old run aside; even without its metrics.json
+    (Snakemake deletes declared outputs before rerunning) the result survives in provenance.json."""
+    out = tmp_path / "run"
+    args = ["--config", str(SMOKE), "--method", "erm", "--output", str(out), "train.max_steps_per_epoch=2", *TINY]
+    assert main([*args, "train.epochs=1"]) == 0
+    old = json.loads((out / "metrics.json").read_text())
+    old_hash = json.loads((out / "provenance.json").read_text())["config_hash"]
+    (out / "metrics.json").unlink()  # what Snakemake does to a declared output before rerunning the job
+    assert main([*args, "train.epochs=2", "--on-config-change", "restart"]) == 0
+    kept = out / f"superseded-{old_hash}"
+    assert json.loads((kept / "provenance.json").read_text())["metrics"] == old
+    assert (kept / "log.jsonl").exists() and json.loads((out / "metrics.json").read_text())["epochs"] == 2
