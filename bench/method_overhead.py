@@ -52,12 +52,13 @@ def main(argv=None) -> dict:
     accelerator = Accelerator(mixed_precision=precision)
     rows = []
     for case, (model_name, kwargs, size, batch) in (SMALL if args.small else MODELS).items():
-        base = step_time("erm", model_name, kwargs, size, batch, args.steps, args.warmup, accelerator)
         for name in args.methods or list_methods():
             if name == "erm":
                 continue
             try:
                 result = step_time(name, model_name, kwargs, size, batch, args.steps, args.warmup, accelerator)
+                # the reference is re-measured right after each method, so drift (clocks, other load) cancels
+                base = step_time("erm", model_name, kwargs, size, batch, args.steps, args.warmup, accelerator)
             except (ReproError, RuntimeError, AttributeError, ValueError) as exc:
                 # e.g. TransMix on a CNN, regression methods on images, methods that need prepare()
                 rows.append({"case": case, "method": name, "skipped": str(exc).split(";")[0][:80]})
