@@ -825,17 +825,33 @@ def _airfoil(root: Path | None, allow_download: bool, split_seed: int = 0) -> _R
             f"{AIRFOIL_FILE} in ${DATA_ROOT_ENV}/airfoil/ or set data.root to its folder "
             f"(download it from {AIRFOIL_URL})."
         )
+    return _airfoil_splits(path, "airfoil", AIRFOIL_ROWS, AIRFOIL_SPLIT, split_seed)
+
+
+AIRFOIL_MINI_DIR = Path(__file__).resolve().parents[1] / "tests" / "data" / "airfoil-mini"
+AIRFOIL_MINI_ROWS, AIRFOIL_MINI_SPLIT = 301, (201, 60, 40)  # every 5th row; the official 2:0.6:0.4 shares
+
+
+@register_dataset("airfoil-mini", seeded_split=True)
+def _airfoil_mini(root: Path | None, allow_download: bool, split_seed: int = 0) -> _RawSplits:
+    """A committed 301-row sample of Airfoil (every 5th row, `scripts/make_airfoil_mini.py`), for smoke runs
+    and tests on a fresh clone; split and scaling as the official Airfoil split, proportionally."""
+    path = (Path(root) if root is not None else AIRFOIL_MINI_DIR) / AIRFOIL_FILE
+    if not path.is_file():
+        raise ReproError(f"the Airfoil sample {path} is missing; regenerate it with scripts/make_airfoil_mini.py.")
+    return _airfoil_splits(path, "airfoil-mini", AIRFOIL_MINI_ROWS, AIRFOIL_MINI_SPLIT, split_seed)
+
+
+def _airfoil_splits(path: Path, name: str, rows: int, split: tuple, split_seed: int) -> _RawSplits:
     table = _read_airfoil(path)
-    if len(table) != AIRFOIL_ROWS:
-        raise ReproError(
-            f"{path} has shape {table.shape}, expected ({AIRFOIL_ROWS}, 6); re-download it from {AIRFOIL_URL}."
-        )
-    table = table[airfoil_permutation(split_seed)]
+    if len(table) != rows:
+        raise ReproError(f"{path} has shape {table.shape}, expected ({rows}, 6); re-download it from {AIRFOIL_URL}.")
+    table = table[np.random.RandomState(int(split_seed) % 2**32).permutation(rows)]  # = airfoil_permutation
     x_min, x_max = table[:, :5].min(axis=0), table[:, :5].max(axis=0)
-    n_train, n_val, _ = AIRFOIL_SPLIT
-    parts = [slice(0, n_train), slice(n_train, n_train + n_val), slice(n_train + n_val, AIRFOIL_ROWS)]
+    n_train, n_val, _ = split
+    parts = [slice(0, n_train), slice(n_train, n_train + n_val), slice(n_train + n_val, rows)]
     train, val, test = (_Tabular(table[part, :5], table[part, 5]) for part in parts)
-    info = DataInfo("airfoil", "regression", 1, None, None, None,
+    info = DataInfo(name, "regression", 1, None, None, None,
                     f"file:{path} sha256={_sha256(path)} split_seed={split_seed}")  # fmt: skip
     return _RawSplits(train, test, info, stats=(tuple(x_min), tuple(x_max - x_min)), val=val)
 

@@ -22,6 +22,7 @@ from common.data import (
     CIFAR10_STD,
     DATA_ROOT_ENV,
     build_datasets,
+    build_splits,
     build_test_dataset,
     list_datasets,
     register_dataset,
@@ -472,3 +473,22 @@ def test_time_series_windows_follow_lstnet(tmp_path):
             torch.testing.assert_close(x, torch.tensor(scaled[t - horizon + 1 - window:t - horizon + 1], dtype=torch.float32))
             torch.testing.assert_close(y, torch.tensor(scaled[t], dtype=torch.float32))
     assert train_ds.targets.shape == (len(train_ds), m)
+
+
+def test_airfoil_mini_loads_on_a_fresh_clone_with_the_official_proportions(monkeypatch):
+    monkeypatch.delenv("REPRO_DATA_DIR", raising=False)
+    train, val, test, info = build_splits("airfoil-mini", allow_download=False, split_seed=1)
+    assert (len(train), len(val), len(test)) == (201, 60, 40) and info.task == "regression"
+    features = torch.cat([train.features, val.features, test.features])
+    assert float(features.min()) == 0.0 and float(features.max()) == 1.0  # min-max over all rows
+    other, _, _, _ = build_splits("airfoil-mini", allow_download=False, split_seed=2)
+    assert not torch.equal(train.targets, other.targets)  # one split per seed
+
+
+@pytest.mark.full_data
+def test_airfoil_mini_is_every_fifth_row_of_the_full_file():
+    full = Path(__file__).resolve().parents[3] / "shared/datasets/airfoil/airfoil_self_noise.dat"
+    if not full.exists():
+        pytest.skip("the full Airfoil file is not beside the checkout")
+    mini = Path(__file__).resolve().parents[2] / "tests/data/airfoil-mini/airfoil_self_noise.dat"
+    assert mini.read_text().splitlines() == full.read_text().splitlines()[::5]
