@@ -141,7 +141,7 @@ def plot_curves(
     fig.suptitle(title)
     _stamp(fig, stamp)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    _save(fig, out_stem)
+    save_figure(fig, out_stem)
     return drawn
 
 
@@ -225,7 +225,7 @@ def plot_mixed_examples(
     )
     _stamp(fig, stamp)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    _save(fig, out_stem)
+    save_figure(fig, out_stem)
     return rows
 
 
@@ -280,7 +280,7 @@ def plot_seed_bars(
         ax.legend(fontsize=8, title="bar = mean, dot = one seed", title_fontsize=8)
     _stamp(fig, stamp)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    _save(fig, out_stem)
+    save_figure(fig, out_stem)
     return means
 
 
@@ -375,7 +375,9 @@ def _stamp(fig, stamp: str) -> None:
     fig.text(0.005, 0.005, stamp, ha="left", va="bottom", fontsize=7, color="0.35", style="italic")
 
 
-def _save(fig, out_stem: str | Path) -> None:
+def save_figure(fig, out_stem: str | Path) -> None:
+    """Write `<stem>.png` (150 dpi) and `<stem>.pdf`, creating folders, and close the figure.
+    Every figure of the project, shared or paper-specific, is saved through this one function."""
     stem = Path(out_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     try:

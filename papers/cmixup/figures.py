@@ -19,7 +19,7 @@ import numpy as np
 
 from common.config import read_yaml
 from common.errors import ReproError
-from common.plots import plot_seed_bars
+from common.plots import plot_seed_bars, save_figure
 from papers.cmixup.method import pair_probability_rows
 
 KERNEL_METHODS = ("cmixup", "cmixup_batch")
@@ -79,10 +79,7 @@ def kernel_figure(config: Path, stem: Path, stamp: str, quantiles=(0.1, 0.5, 0.9
     fig.suptitle(f"C-Mixup partner law on {data['name']} ({len(y)} training labels): uniform vs label kernel")
     fig.text(0.01, 0.01, stamp, fontsize=7, style="italic")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(stem.with_suffix(".png"), dpi=150)
-    fig.savefig(stem.with_suffix(".pdf"))
-    plt.close(fig)
+    save_figure(fig, stem)
     return drawn
 
 

@@ -22,16 +22,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from common.errors import ReproError
+from common.plots import save_figure
 
 VIEWS = (("test", "raw"), ("test_ts", "after TS"))
 LABELS = {"erm": "CE", "mixup": "Mixup", "mrl": "RankMixup (MRL)", "mndcg": "RankMixup (M-NDCG)"}
-
-
-def _save(fig, stem: Path) -> None:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(stem.with_suffix(".png"), dpi=150)
-    fig.savefig(stem.with_suffix(".pdf"))
-    plt.close(fig)
 
 
 def _run_reliability(run_dir: Path) -> tuple[dict, str, float | None] | None:
@@ -127,7 +121,7 @@ def reliability_figure(run_dirs: list[Path], stem: Path, stamp: str) -> dict | N
         fig.suptitle(title)
         fig.text(0.5, 0.5, "no finished runs yet", ha="center", va="center")
         fig.text(0.01, 0.01, stamp, fontsize=7, style="italic")
-        _save(fig, stem)
+        save_figure(fig, stem)
         return None
     methods = list(by_method)
     fig, axes = plt.subplots(2, len(methods), figsize=(3.2 * len(methods), 7.8), squeeze=False)
@@ -170,7 +164,7 @@ def reliability_figure(run_dirs: list[Path], stem: Path, stamp: str) -> dict | N
     fig.suptitle(title)
     fig.text(0.01, 0.01, stamp, fontsize=7, style="italic")
     fig.tight_layout(rect=(0, 0.03, 1, 0.94))
-    _save(fig, stem)
+    save_figure(fig, stem)
     return drawn
 
 

@@ -22,6 +22,7 @@ import torch
 from common.errors import ReproError
 from common.methods import build_method
 from common.mixing import randperm_partner
+from common.plots import save_figure
 from common.workflow import load_experiment
 
 
@@ -30,13 +31,6 @@ def mixing_methods(scale: str, experiment: str) -> dict[str, dict]:
     grid = load_experiment("resizemix", scale, experiment).get("methods") or {}
     out = {label: {"name": label, **(options or {})} for label, options in grid.items()}
     return {label: options for label, options in out.items() if options["name"] != "erm"}
-
-
-def _save(fig, stem: Path) -> None:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(stem.with_name(stem.name + ".png"), dpi=150)
-    fig.savefig(stem.with_name(stem.name + ".pdf"))
-    plt.close(fig)
 
 
 def pairs_figure(methods: dict[str, dict], stem: Path, stamp: str, n_images: int = 8, seed: int = 1) -> dict:
@@ -72,7 +66,7 @@ def pairs_figure(methods: dict[str, dict], stem: Path, stamp: str, n_images: int
                  "resizemix_openmixup: one clipped box per batch", fontsize=9)
     fig.text(0.005, 0.005, stamp, fontsize=7, style="italic", color="0.35")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    _save(fig, stem)
+    save_figure(fig, stem)
     return {label: x for label, (x, _) in rows.items()}
 
 
@@ -101,7 +95,7 @@ def weights_figure(methods: dict[str, dict], stem: Path, stamp: str) -> dict[str
     fig.text(0.005, 0.005, stamp + f"; {len(next(iter(drawn.values()), []))} samples per method",
              fontsize=7, style="italic", color="0.35")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    _save(fig, stem)
+    save_figure(fig, stem)
     return drawn
 
 

@@ -24,14 +24,8 @@ from common.attention import capture_cls_attention
 from common.config import load_config
 from common.errors import ReproError
 from common.mixing import cutmix_box, flip_partner, paste_box
+from common.plots import save_figure
 from papers.transmix.method import transmix_weights
-
-
-def _save(fig, stem: Path) -> None:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(stem.with_suffix(".png"), dpi=150)
-    fig.savefig(stem.with_suffix(".pdf"))
-    plt.close(fig)
 
 
 def _message_figure(stem: Path, title: str, message: str, stamp: str) -> None:
@@ -39,7 +33,7 @@ def _message_figure(stem: Path, title: str, message: str, stamp: str) -> None:
     fig.suptitle(title)
     fig.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
     fig.text(0.01, 0.01, stamp, fontsize=7, style="italic")
-    _save(fig, stem)
+    save_figure(fig, stem)
 
 
 def attention_figure(run_dir: Path, stem: Path, stamp: str, n_images: int = 4, lam: float = 0.55) -> dict | None:
@@ -101,7 +95,7 @@ def attention_figure(run_dir: Path, stem: Path, stamp: str, n_images: int = 4, l
     fig.suptitle(title)
     fig.text(0.01, 0.01, f"{stamp} · run {run_dir}", fontsize=7, style="italic")
     fig.tight_layout(rect=(0, 0.03, 1, 0.95))
-    _save(fig, stem)
+    save_figure(fig, stem)
     return {"box": box, "lam_area": lam_area, "weights": w.tolist()}
 
 
@@ -133,7 +127,7 @@ def weights_figure(run_dirs: list[Path], stem: Path, stamp: str) -> dict | None:
     ax.set_title(title, fontsize=10)
     fig.text(0.01, 0.01, f"{stamp} · {n} run(s), {int(total.sum())} samples", fontsize=7, style="italic")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    _save(fig, stem)
+    save_figure(fig, stem)
     return {"hist": total.tolist(), "edges": edges}
 
 

@@ -33,14 +33,14 @@ def assert_saved(stem):
 def figure_texts(monkeypatch):
     """Every text string of each figure, captured just before it is saved and closed."""
     captured = []
-    real_save = plots._save
+    real_save = plots.save_figure
 
     def spy(fig, out_stem):
         texts = [t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text"))]
         captured.append(texts)
         real_save(fig, out_stem)
 
-    monkeypatch.setattr(plots, "_save", spy)
+    monkeypatch.setattr(plots, "save_figure", spy)
     return captured
 
 
