@@ -30,14 +30,15 @@ from common.errors import ReproError, closest
 class DataConfig:
     name: str = "cifar10-mini"
     root: str | None = None  # local folder; else $REPRO_DATA_DIR/<name>; else the public source
-    recipe: str = "default"  # train/eval transforms: cifar, mixup_official, deit, ... (see common.data)
+    recipe: str = "default"  # train/eval transforms: pad_crop_flip (= cifar), mixup_official, deit, ... (common.data)
     image_size: int | None = None  # resize target for recipes that support it (deit)
     allow_download: bool = True
     num_workers: int = 2
-    # fast path for CIFAR-sized data: decode once to a cached uint8 tensor held on the device and augment
+    # fast path for CIFAR/Tiny-ImageNet-sized data: decode once to a cached uint8 tensor held on the device, augment
     # there (common/fastdata.py); same augmentation law as the standard DataLoader path
     device_cache: bool = False
     val_split: int = 0  # hold out this many training examples as the evaluation split
+    val_per_class: bool = False  # the same number from every class (RankMixup's Tiny-ImageNet split)
     split_seed: int | None = 0  # null: the run's seed (a new split per seed, as C-Mixup's official code)
 
 
@@ -276,6 +277,9 @@ def run_dict(cfg: RunConfig) -> dict:
 
 # keys that say where a run goes or how it is resourced, not what it computes
 _NOT_HASHED = ("output_dir", "resources")
+# options added after results were committed, with the value that reproduces the old behaviour: left out
+# of the hash at that value, so finished runs keep their hash and are not retrained
+_ADDED_LATER = {("data", "val_per_class"): False}
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -285,6 +289,9 @@ def config_hash(cfg: RunConfig) -> str:
         data.pop(key, None)
     data["data"].pop("num_workers", None)
     data["data"].pop("root", None)
+    for (section, key), neutral in _ADDED_LATER.items():
+        if data[section].get(key) == neutral:
+            del data[section][key]
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

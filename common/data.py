@@ -53,7 +53,10 @@ CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 # many CIFAR repos copied); `recipe='mixup_official'` keeps it to match the official numbers.
 MIXUP_OFFICIAL_MEAN, MIXUP_OFFICIAL_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
-RECIPES = ("cifar", "mixup_official", "deit", "deit_noerase")
+# 'pad_crop_flip': zero-pad 4, random crop at the native size, horizontal flip (CIFAR's recipe, and
+# RankMixup's for Tiny-ImageNet); 'cifar' is its historical name and means the same.
+RECIPES = ("pad_crop_flip", "cifar", "mixup_official", "deit", "deit_noerase")
+PAD_CROP_FLIP = ("pad_crop_flip", "cifar", "mixup_official")
 AIRFOIL_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/00291/airfoil_self_noise.dat"
 AIRFOIL_FILE = "airfoil_self_noise.dat"
 AIRFOIL_ROWS = 1503
@@ -79,6 +82,8 @@ class DataInfo:
         mean, std: normalisation applied (per channel for images, per feature for tabular data).
         source: where the data was read from, for provenance in results.
         classes: class names in label order, when known.
+        recipe: the augmentation recipe in use, after resolving 'default' (None for tabular data).
+        native_size: side of the stored images when they all share one (CIFAR 32, Tiny-ImageNet 64).
     """
 
     name: str
@@ -89,6 +94,8 @@ class DataInfo:
     std: tuple | None
     source: str
     classes: tuple[str, ...] | None = None
+    recipe: str | None = None
+    native_size: int | None = None
 
 
 @dataclass
@@ -286,6 +293,7 @@ def build_datasets(
     val_split: int = 0,
     split_seed: int = 0,
     image_size: int | None = None,
+    val_per_class: bool = False,
 ) -> tuple[Dataset, Dataset, DataInfo]:
     """Build the training and evaluation datasets of a registered dataset.
 
@@ -299,6 +307,8 @@ def build_datasets(
             return them, with the evaluation transform, as `eval_ds`; otherwise `eval_ds` is the
             test split.
         split_seed: seed of the validation hold-out.
+        val_per_class: hold out `val_split / num_classes` examples of every class (the last ones of a
+            seeded shuffle within each class, as RankMixup's Tiny-ImageNet split) instead of a uniform draw.
         image_size: output image side; None keeps the recipe's default (32 for 'cifar', 224 for
             'deit'). With 'deit' on CIFAR this upsamples.
 
@@ -306,7 +316,7 @@ def build_datasets(
         `(train_ds, eval_ds, info)`.
     """
     train_ds, val_ds, test_ds, info = _build(
-        name, root, recipe, allow_download, val_split, split_seed, image_size
+        name, root, recipe, allow_download, val_split, split_seed, image_size, val_per_class
     )
     return train_ds, (val_ds if val_ds is not None else test_ds), info
 
@@ -319,9 +329,10 @@ def build_splits(
     val_split: int = 0,
     split_seed: int = 0,
     image_size: int | None = None,
+    val_per_class: bool = False,
 ):
     """`(train_ds, val_ds or None, test_ds, info)`: every split, for trainers that select on validation."""
-    return _build(name, root, recipe, allow_download, val_split, split_seed, image_size)
+    return _build(name, root, recipe, allow_download, val_split, split_seed, image_size, val_per_class)
 
 
 def build_test_dataset(
@@ -332,15 +343,16 @@ def build_test_dataset(
     val_split: int = 0,
     split_seed: int = 0,
     image_size: int | None = None,
+    val_per_class: bool = False,
 ) -> Dataset:
     """The test split with the evaluation transform, whatever `val_split` is.
 
     Pass the same arguments as to `build_datasets` so tabular features get the same standardisation.
     """
-    return _build(name, root, recipe, allow_download, val_split, split_seed, image_size)[2]
+    return _build(name, root, recipe, allow_download, val_split, split_seed, image_size, val_per_class)[2]
 
 
-def _build(name, root, recipe, allow_download, val_split, split_seed, image_size):
+def _build(name, root, recipe, allow_download, val_split, split_seed, image_size, val_per_class=False):
     if name not in _DATASETS:
         raise unknown_name("dataset", name, _DATASETS)
     extra = {"split_seed": split_seed} if name in _SEEDED_SPLITS else {}
@@ -350,7 +362,13 @@ def _build(name, root, recipe, allow_download, val_split, split_seed, image_size
             f"dataset {name!r} has its own validation split ({len(raw.val)} examples), so "
             f"data.val_split={val_split!r} cannot hold out another one; set data.val_split=0."
         )
-    train_idx, val_idx = _split_indices(len(raw.train), val_split, split_seed, name)
+    targets = None
+    if val_per_class:
+        if raw.info.task != "classification":
+            raise ReproError(f"data.val_per_class needs a classification dataset; {name!r} is "
+                             f"{raw.info.task}. Set data.val_per_class=false.")
+        targets = np.asarray(raw.train.targets, dtype=np.int64)
+    train_idx, val_idx = _split_indices(len(raw.train), val_split, split_seed, name, targets)
     info = copy.copy(raw.info)
 
     if info.task == "regression":
@@ -377,6 +395,8 @@ def _build(name, root, recipe, allow_download, val_split, split_seed, image_size
         return Subset(train_full, train_idx), Subset(train_full, val_idx), test_ds, info
 
     train_tf, eval_tf, info.mean, info.std, info.image_size = _make_transforms(recipe, raw, image_size)
+    info.recipe = raw.default_recipe if recipe == "default" else recipe
+    info.native_size = raw.native_size
     test_ds = TransformedImages(raw.test, eval_tf)
     train_ds = TransformedImages(raw.train, train_tf)
     if train_idx is None:
@@ -385,7 +405,10 @@ def _build(name, root, recipe, allow_download, val_split, split_seed, image_size
     return Subset(train_ds, train_idx), val_ds, test_ds, info
 
 
-def _split_indices(n: int, val_split: int, seed: int, name: str) -> tuple[list | None, list | None]:
+def _split_indices(
+    n: int, val_split: int, seed: int, name: str, targets: np.ndarray | None = None
+) -> tuple[list | None, list | None]:
+    """Seeded (train, val) index lists; with `targets`, the same number of validation examples per class."""
     if not isinstance(val_split, int) or isinstance(val_split, bool) or not 0 <= val_split < n:
         raise ReproError(
             f"val_split={val_split!r} is invalid for dataset {name!r} with {n} training examples; "
@@ -393,8 +416,26 @@ def _split_indices(n: int, val_split: int, seed: int, name: str) -> tuple[list |
         )
     if val_split == 0:
         return None, None
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
-    return sorted(order[val_split:]), sorted(order[:val_split])
+    generator = torch.Generator().manual_seed(int(seed))
+    if targets is None:
+        order = torch.randperm(n, generator=generator).tolist()
+        return sorted(order[val_split:]), sorted(order[:val_split])
+    counts = np.bincount(targets)
+    classes = int((counts > 0).sum())
+    per_class = val_split // classes
+    if per_class * classes != val_split or per_class >= counts[counts > 0].min():
+        raise ReproError(
+            f"data.val_per_class: val_split={val_split} must be a multiple of the {classes} classes of "
+            f"{name!r} and leave training examples in every class (smallest class: {counts[counts > 0].min()}); "
+            f"e.g. val_split={classes * max(1, int(counts[counts > 0].min()) // 10)}."
+        )
+    # a seeded shuffle within every class, then its last `per_class` examples: sort by (class, random key)
+    keys = torch.rand(n, generator=generator).numpy()
+    order = np.lexsort((keys, targets))
+    sorted_targets = targets[order]
+    rank = np.arange(n) - np.searchsorted(sorted_targets, sorted_targets, side="left")
+    is_val = rank >= counts[sorted_targets] - per_class
+    return sorted(order[~is_val].tolist()), sorted(order[is_val].tolist())
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,19 +481,21 @@ def _make_transforms(recipe: str, raw: _RawSplits, image_size: int | None):
         )
         return train_tf, eval_tf, tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD), size
 
-    # 'cifar' and 'mixup_official': pad-4 random crop + flip (mixup-cifar10 train.py).
-    if raw.native_size != 32:
+    # 'pad_crop_flip' (= 'cifar') and 'mixup_official': pad-4 random crop + flip (mixup-cifar10 train.py)
+    native = raw.native_size
+    if native is None or (recipe == "mixup_official" and native != 32):
+        kind = "32x32 CIFAR images" if recipe == "mixup_official" else "datasets whose images share one size"
         raise ReproError(
-            f"recipe {recipe!r} is for 32x32 CIFAR images but dataset {raw.info.name!r} is not; "
+            f"recipe {recipe!r} is for {kind} but dataset {raw.info.name!r} is not; "
             "use recipe='deit' (or 'default')."
         )
     mean, std = (MIXUP_OFFICIAL_MEAN, MIXUP_OFFICIAL_STD) if recipe == "mixup_official" else raw.stats
-    size = image_size or 32
-    resize = [] if size == 32 else [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)]
+    size = image_size or native
+    resize = [] if size == native else [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)]
     train_tf = T.Compose(
         resize
         + [
-            T.RandomCrop(size, padding=4 * size // 32),  # padding scales with the image side
+            T.RandomCrop(size, padding=4 * size // native),  # padding scales with the image side
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             T.Normalize(mean, std),
@@ -658,21 +701,26 @@ def _load_from_hub(hub_id: str) -> Any:
     return datasets.load_dataset(hub_id)
 
 
-def _load_cifar_hub(spec: _CifarSpec) -> _RawSplits:
+def _hub_encoded_splits(hub_id: str, splits: Sequence[str], image_columns: Sequence[str],
+                        label_columns: Sequence[str]) -> tuple[list[EncodedImages], tuple[str, ...]]:
+    """Encoded images of hub splits (the stored bytes, not decoded images), and the class names."""
     import pyarrow.compute as pc
 
-    dataset_dict = _load_from_hub(spec.hub_id)
-    splits = []
-    for split in ("train", "test"):
-        table = dataset_dict[split].with_format("arrow")[:]  # the stored bytes, not decoded images
-        image_column = next(c for c in spec.image_columns if c in table.column_names)
-        label_column = next(c for c in spec.label_columns if c in table.column_names)
-        images = table.column(image_column).combine_chunks()
-        blobs = pc.struct_field(images, "bytes").to_pylist()
-        targets = table.column(label_column).to_numpy()
-        splits.append(EncodedImages(blobs, targets, f"hub:{spec.hub_id}/{split}"))
-    classes = dataset_dict["train"].features[label_column].names
-    return _cifar_raw(spec, splits[0], splits[1], f"hub:{spec.hub_id}", tuple(classes))
+    dataset_dict = _load_from_hub(hub_id)
+    out = []
+    for split in splits:
+        table = dataset_dict[split].with_format("arrow")[:]
+        image_column = next(c for c in image_columns if c in table.column_names)
+        label_column = next(c for c in label_columns if c in table.column_names)
+        blobs = pc.struct_field(table.column(image_column).combine_chunks(), "bytes").to_pylist()
+        out.append(EncodedImages(blobs, table.column(label_column).to_numpy(), f"hub:{hub_id}/{split}"))
+    return out, tuple(dataset_dict[splits[0]].features[label_column].names)
+
+
+def _load_cifar_hub(spec: _CifarSpec) -> _RawSplits:
+    (train, test), classes = _hub_encoded_splits(spec.hub_id, ("train", "test"), spec.image_columns,
+                                                 spec.label_columns)
+    return _cifar_raw(spec, train, test, f"hub:{spec.hub_id}", classes)
 
 
 def _resolve_cifar(spec: _CifarSpec, root: Path | None, allow_download: bool) -> _RawSplits:
@@ -766,6 +814,110 @@ def _imagenet(root: Path | None, allow_download: bool) -> _RawSplits:
         f"as train/<wnid>/*.JPEG and val/<wnid>/*.JPEG in ${DATA_ROOT_ENV}/imagenet/ or set data.root "
         f"to such a folder; or, for the hub copy {IMAGENET_HUB_ID} (gated), accept its terms on "
         "huggingface.co, log in with `huggingface-cli login` (or set HF_TOKEN) and allow downloads."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny-ImageNet (200 classes, 64x64)
+# --------------------------------------------------------------------------------------------
+
+TINY_HUB_ID = "zh-plus/tiny-imagenet"
+TINY_CLASSES, TINY_SIZE = 200, 64
+TINY_TEST_SPLITS = ("valid", "val", "validation")  # the labelled official validation set is the test split
+
+
+def _tiny_raw(train, test, source: str, classes) -> _RawSplits:
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    info = DataInfo("tiny-imagenet", "classification", TINY_CLASSES, TINY_SIZE, None, None, source, classes)
+    stats = (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
+    return _RawSplits(train, test, info, "pad_crop_flip", TINY_SIZE, stats)
+
+
+def _read_files(paths: Sequence[Path], targets: Sequence[int], origin: str) -> EncodedImages:
+    """The encoded bytes of image files (decoded lazily, like the parquet copies)."""
+    try:
+        blobs = [path.read_bytes() for path in paths]
+    except OSError as err:
+        raise ReproError(f"cannot read {err.filename} ({err.strerror}); re-copy {origin}.") from err
+    return EncodedImages(blobs, np.asarray(targets, dtype=np.int64), origin)
+
+
+def _load_tiny_original(folder: Path) -> _RawSplits:
+    """The layout of the official tiny-imagenet-200.zip: train/<wnid>/images/*.JPEG and
+    val/images/*.JPEG labelled by val/val_annotations.txt. Labels follow the sorted wnids (what
+    ImageFolder over train/ gives, as most Tiny-ImageNet code uses)."""
+    wnids = sorted((folder / "wnids.txt").read_text().split())
+    if len(wnids) != TINY_CLASSES:
+        raise ReproError(f"{folder}/wnids.txt lists {len(wnids)} classes, Tiny-ImageNet has {TINY_CLASSES}; "
+                         "re-extract tiny-imagenet-200.zip.")
+    label = {wnid: i for i, wnid in enumerate(wnids)}
+    train_paths, train_targets = [], []
+    for wnid in wnids:
+        files = sorted((folder / "train" / wnid / "images").glob("*.JPEG"))
+        if not files:
+            raise ReproError(f"{folder}/train/{wnid}/images/ holds no .JPEG files; re-extract tiny-imagenet-200.zip.")
+        train_paths += files
+        train_targets += [label[wnid]] * len(files)
+    test_paths, test_targets = [], []
+    for line in (folder / "val" / "val_annotations.txt").read_text().splitlines():
+        fields = line.split("\t")
+        if len(fields) < 2 or fields[1] not in label:
+            raise ReproError(f"{folder}/val/val_annotations.txt has a malformed line {line!r}; re-extract the zip.")
+        test_paths.append(folder / "val" / "images" / fields[0])
+        test_targets.append(label[fields[1]])
+    train = _read_files(train_paths, train_targets, f"{folder}/train")
+    test = _read_files(test_paths, test_targets, f"{folder}/val")
+    return _tiny_raw(train, test, f"tiny-imagenet-200:{folder}", tuple(wnids))
+
+
+def _load_tiny_local(folder: Path) -> _RawSplits | None:
+    """Tiny-ImageNet from `folder` in any accepted layout; None if the folder holds none."""
+    if (folder / "tiny-imagenet-200").is_dir():
+        folder = folder / "tiny-imagenet-200"
+    train_files = _parquet_files(folder, "train")
+    test_files = next((f for f in (_parquet_files(folder, s) for s in TINY_TEST_SPLITS) if f), [])
+    if train_files or test_files:
+        if not (train_files and test_files):
+            raise ReproError(
+                f"{folder} has {'train' if train_files else 'valid'} parquet data but not the other split; "
+                f"copy both (Hugging Face {TINY_HUB_ID} layout: train-*.parquet and valid-*.parquet)."
+            )
+        train, classes = _read_parquet_split(train_files, ("image", "img"), ("label",), TINY_CLASSES)
+        test, _ = _read_parquet_split(test_files, ("image", "img"), ("label",), TINY_CLASSES)
+        return _tiny_raw(train, test, "parquet:" + ",".join(str(p) for p in train_files + test_files), classes)
+    if (folder / "wnids.txt").is_file() and (folder / "val" / "val_annotations.txt").is_file():
+        return _load_tiny_original(folder)
+    if (folder / "train").is_dir() and (folder / "val").is_dir():
+        train, test, classes = _image_folder_splits(folder, "train", "val", None)
+        if len(classes) != TINY_CLASSES:
+            raise ReproError(f"{folder}/train has {len(classes)} class folders, Tiny-ImageNet has "
+                             f"{TINY_CLASSES}; check the folder or the dataset name.")
+        return _tiny_raw(train, test, f"imagefolder:{folder}", classes)
+    return None
+
+
+@register_dataset("tiny-imagenet")
+def _tiny_imagenet(root: Path | None, allow_download: bool) -> _RawSplits:
+    folders, tried = _local_candidates("tiny-imagenet", root)
+    for folder in folders:
+        raw = _load_tiny_local(folder) if folder.is_dir() else None
+        if raw is not None:
+            return raw
+    failures = []
+    if allow_download:
+        try:
+            (train, test), classes = _hub_encoded_splits(TINY_HUB_ID, ("train", "valid"), ("image",), ("label",))
+            return _tiny_raw(train, test, f"hub:{TINY_HUB_ID}", classes)
+        except Exception as err:  # noqa: BLE001 -- as in _resolve_cifar: hub errors share no base class
+            failures.append(f"Hugging Face hub {TINY_HUB_ID!r}: {type(err).__name__}: {err}")
+    else:
+        failures.append("downloads disabled (allow_download=False)")
+    raise ReproError(
+        f"Tiny-ImageNet not found. Tried: {'; '.join(tried + failures)}. Fix: extract tiny-imagenet-200.zip "
+        f"(http://cs231n.stanford.edu/tiny-imagenet-200.zip) into ${DATA_ROOT_ENV}/tiny-imagenet/, or put the "
+        f"Hugging Face {TINY_HUB_ID} parquet files (train-*.parquet, valid-*.parquet) or an image-folder tree "
+        "train/<wnid>/, val/<wnid>/ there, or set data.root to such a folder."
     )
 
 

@@ -1,12 +1,14 @@
 """Fast path for small image datasets: decode once, keep uint8 images on the device, augment there.
 
-For CIFAR-sized data the standard path (PIL decode + torchvision transforms in DataLoader workers) leaves a
-GPU mostly idle. Here the training split is decoded once into a uint8 tensor, cached on disk under a key
-made from the encoded bytes themselves (so a changed file can never reuse a stale cache), moved to the
-device, and each batch is augmented there with the CIFAR recipe: zero padding 4, a uniform random 32x32 crop
-(torchvision `RandomCrop.get_params`: offsets uniform in {0, ..., 2 * pad}), a horizontal flip with
-probability 1/2, scaling to [0, 1] and per-channel normalisation: the same law as `common.data`'s 'cifar'
-recipes. All draws come from a CPU generator seeded per epoch, so runs stay exactly resumable.
+For CIFAR- and Tiny-ImageNet-sized data the standard path (PIL decode + torchvision transforms in DataLoader
+workers) leaves a GPU mostly idle. Here the training split is decoded once into a uint8 tensor, cached on
+disk under a key made from the data itself (the encoded bytes, or each file's path, size and modification
+time, so a changed file can never reuse a stale cache), moved to the device, and each batch is augmented
+there with the pad-crop-flip recipe: zero padding 4, a uniform random crop at the native size (torchvision
+`RandomCrop.get_params`: offsets uniform in {0, ..., 2 * pad}), a horizontal flip with probability 1/2,
+scaling to [0, 1] and per-channel normalisation: the same law as `common.data`'s 'pad_crop_flip' / 'cifar' /
+'mixup_official' recipes. All draws come from a CPU generator seeded per epoch, so runs stay exactly
+resumable.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
+from common.data import PAD_CROP_FLIP
 from common.errors import ReproError
 
 CACHE_ENV = "REPRO_CACHE_DIR"
-FAST_RECIPES = ("cifar", "mixup_official")
+PADDING = 4  # at the native size, as the standard path's RandomCrop(size, padding=4)
 
 
 def cache_dir() -> Path:
@@ -38,18 +41,24 @@ def _base_and_indices(dataset):
         dataset = dataset.dataset
     base = getattr(dataset, "base", None)
     if base is None or not hasattr(base, "targets"):
-        raise ReproError("data.device_cache works for image datasets read through common.data (CIFAR); "
-                         f"got {type(dataset).__name__}. Set data.device_cache=false.")
+        raise ReproError("data.device_cache works for image datasets read through common.data (CIFAR, "
+                         f"Tiny-ImageNet); got {type(dataset).__name__}. Set data.device_cache=false.")
     return base, (np.arange(len(base)) if indices is None else indices)
 
 
 def _key(base, indices) -> str:
     digest = hashlib.sha256()
-    buffer = getattr(base, "_buffer", None)
-    if buffer is not None:  # the encoded bytes themselves: a changed file changes the key
-        digest.update(memoryview(buffer))
+    if getattr(base, "_buffer", None) is not None:  # the encoded bytes themselves (parquet, hub, files)
+        digest.update(memoryview(base._buffer))
+    elif isinstance(getattr(base, "data", None), np.ndarray):  # torchvision's CIFAR: the decoded array
+        digest.update(np.ascontiguousarray(base.data).tobytes())
+    elif getattr(base, "samples", None) is not None:  # ImageFolder: every file's path, size and mtime
+        for path, _ in base.samples:
+            stat = os.stat(path)
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     else:
-        digest.update(repr(getattr(base, "origin", type(base).__name__)).encode())
+        raise ReproError(f"data.device_cache cannot key a cache on {type(base).__name__} (no bytes, array or "
+                         "file list to hash); set data.device_cache=false.")
     digest.update(np.asarray(base.targets, dtype=np.int64).tobytes())
     digest.update(np.asarray(indices, dtype=np.int64).tobytes())
     return digest.hexdigest()[:24]
@@ -65,7 +74,12 @@ def decode_uint8(dataset, use_cache: bool = True) -> tuple[torch.Tensor, torch.T
     first = np.asarray(base[int(indices[0])][0])
     images = np.empty((len(indices), *first.shape), dtype=np.uint8)
     for row, index in enumerate(indices):  # once per dataset, then never again
-        images[row] = np.asarray(base[int(index)][0])
+        image = np.asarray(base[int(index)][0])
+        if image.shape != first.shape:
+            raise ReproError(f"image {int(index)} of the training set is {image.shape[1]}x{image.shape[0]}, not "
+                             f"{first.shape[1]}x{first.shape[0]} like the others; data.device_cache needs one "
+                             "image size: set data.device_cache=false.")
+        images[row] = image
     labels = torch.as_tensor(np.asarray(base.targets, dtype=np.int64)[indices])
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     if use_cache:
@@ -114,12 +128,11 @@ class DeviceLoader:
     image, all from a CPU generator seeded by the caller; the last incomplete batch is dropped.
     """
 
-    def __init__(self, dataset, info, recipe: str, batch_size: int, device, rank: int = 0, world: int = 1):
-        if recipe == "default":
-            recipe = "cifar"
-        if recipe not in FAST_RECIPES or info.image_size != 32:
-            raise ReproError(f"data.device_cache supports the 32x32 CIFAR recipes {FAST_RECIPES}, not "
-                             f"recipe {recipe!r} at {info.image_size} px; set data.device_cache=false.")
+    def __init__(self, dataset, info, batch_size: int, device, rank: int = 0, world: int = 1):
+        if info.recipe not in PAD_CROP_FLIP or info.image_size != info.native_size:
+            raise ReproError(f"data.device_cache supports the recipes {PAD_CROP_FLIP} at the images' native size, "
+                             f"not recipe {info.recipe!r} at {info.image_size} px (native: {info.native_size}); "
+                             "set data.device_cache=false.")
         images, labels = decode_uint8(dataset)
         self.images, self.labels = images.to(device), labels.to(device)
         self.mean, self.std = info.mean, info.std
@@ -132,9 +145,10 @@ class DeviceLoader:
         order = torch.randperm(len(self.labels), generator=generator)
         share = len(order) // self.world
         order = order[self.rank * share:(self.rank + 1) * share]
-        rows, cols, flips = draw_crops(generator, len(order), padding=4)
+        rows, cols, flips = draw_crops(generator, len(order), padding=PADDING)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start:start + self.batch_size].to(self.images.device)
             part = slice(start, start + self.batch_size)
-            yield (augment(self.images[index], rows[part], cols[part], flips[part], self.mean, self.std),
+            yield (augment(self.images[index], rows[part], cols[part], flips[part], self.mean, self.std,
+                           padding=PADDING),
                    self.labels[index])

@@ -9,7 +9,8 @@ Importing this module registers, through `timm.models.register_model`, so that
 * `resnet18_cifar`: post-activation ResNet-18 with the CIFAR stem (3x3 stride-1 conv + BN + ReLU, no
   max-pool), as kuangliu/pytorch-cifar's `ResNet18`.
 * `resnet50_cifar`: bottleneck ResNet-50 [3, 4, 6, 3] with the same CIFAR stem, as RankMixup's
-  `resnet50_cifar` (cvlab-yonsei/RankMixup `calibrate/net/resnet_mixup.py`).
+  `resnet50_cifar` (cvlab-yonsei/RankMixup `calibrate/net/resnet_mixup.py`); `resnet50_tiny` is the same
+  network for 64x64 Tiny-ImageNet with RankMixup's head: average pooling to 2x2, `fc(2048 * 4 -> 200)`.
 * `wrn28_10_cifar`: Wide-ResNet-28-10 (Zagoruyko & Komodakis, arXiv:1605.07146; layout of
   xternalz/WideResNet-pytorch): pre-activation wide blocks, widths 16/160/320/640.
 * `vit_tiny_patch4_32`, `vit_small_patch4_32`: timm `VisionTransformer`s for 32x32 inputs with 4x4
@@ -482,6 +483,8 @@ class BottleneckResNetCifar(_PooledLinearHead):
         in_chans: Input channels.
         head_drop_rate: Dropout before the classifier.
         drop_path_rate: Stochastic depth of the last block (linear from 0 over blocks).
+        pool_size: side of the pooled map the classifier sees: 1 = global average (CIFAR), 2 = the 2x2
+            adaptive average of RankMixup's Tiny-ImageNet ResNets (features flattened channel-major).
     """
 
     def __init__(
@@ -492,8 +495,10 @@ class BottleneckResNetCifar(_PooledLinearHead):
         in_chans: int = 3,
         head_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        pool_size: int = 1,
     ):
         super().__init__()
+        self.pool_size = pool_size
         self.stem = nn.Sequential(
             _conv3x3(in_chans, planes[0]), nn.BatchNorm2d(planes[0]), nn.ReLU(inplace=True)
         )
@@ -507,11 +512,18 @@ class BottleneckResNetCifar(_PooledLinearHead):
                 in_chs = Bottleneck.expansion * width
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
-        self._init_head(in_chs, num_classes, head_drop_rate)
+        self._init_head(in_chs * pool_size**2, num_classes, head_drop_rate)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: (B, in_chans, H, W). Returns: (B, num_features, H/8, W/8)."""
+        """Args: x: (B, in_chans, H, W). Returns: (B, 2048, H/8, W/8)."""
         return self.stages(self.stem(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool (globally, or to `pool_size` x `pool_size`), flatten, classify; see `_PooledLinearHead`."""
+        if self.pool_size == 1:
+            return super().forward_head(x, pre_logits)
+        x = self.head_drop(nn.functional.adaptive_avg_pool2d(x, self.pool_size).flatten(1))
+        return x if pre_logits else self.fc(x)
 
 
 @_register
@@ -532,6 +544,28 @@ def resnet50_cifar(
         in_chans=in_chans,
         head_drop_rate=drop_rate,
         drop_path_rate=drop_path_rate,
+    )
+
+
+@_register
+def resnet50_tiny(
+    pretrained: bool = False,
+    num_classes: int = 200,
+    in_chans: int = 3,
+    drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+    **kwargs: Any,
+) -> BottleneckResNetCifar:
+    """RankMixup's `resnet50_tiny` for 64x64 Tiny-ImageNet: `resnet50_cifar` with a 2x2-pooled head."""
+    _entry_kwargs("resnet50_tiny", pretrained, kwargs, _CNN_ARGS)
+    return BottleneckResNetCifar(
+        depths=(3, 4, 6, 3),
+        planes=(64, 128, 256, 512),
+        num_classes=num_classes,
+        in_chans=in_chans,
+        head_drop_rate=drop_rate,
+        drop_path_rate=drop_path_rate,
+        pool_size=2,
     )
 
 
@@ -741,6 +775,7 @@ MODEL_NAMES = (
     "preact_resnet18_cifar",
     "resnet18_cifar",
     "resnet50_cifar",
+    "resnet50_tiny",
     "wrn28_10_cifar",
     "shake_shake26_2x96d_cifar",
     "vit_tiny_patch4_32",

@@ -297,7 +297,7 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
     train_ds, val_ds, test_ds, info = build_splits(
         d.name, root=d.root, recipe=d.recipe, allow_download=d.allow_download,
         val_split=d.val_split, split_seed=d.split_seed if d.split_seed is not None else cfg.seed,
-        image_size=d.image_size,
+        image_size=d.image_size, val_per_class=d.val_per_class,
     )
     method = build_method(cfg.method, num_classes=info.num_classes,
                           label_smoothing=cfg.train.label_smoothing, task=info.task)
@@ -339,7 +339,7 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
     if cfg.data.device_cache:
         from common.fastdata import DeviceLoader
 
-        device_loader = DeviceLoader(train_ds, info, cfg.data.recipe, cfg.train.batch_size, accelerator.device,
+        device_loader = DeviceLoader(train_ds, info, cfg.train.batch_size, accelerator.device,
                                      accelerator.process_index, accelerator.num_processes)
     ema = None
     if cfg.train.ema_decay:

@@ -67,7 +67,7 @@ def test_crop_and_flip_law_matches_torchvision_random_crop():
 
 def test_device_loader_epoch_is_deterministic_and_covers_the_data():
     train, _, _, info = build_splits("cifar10-mini")
-    loader = DeviceLoader(train, info, "default", batch_size=100, device="cpu")
+    loader = DeviceLoader(train, info, batch_size=100, device="cpu")
     batches = list(loader.epoch(torch.Generator().manual_seed(1)))
     again = list(loader.epoch(torch.Generator().manual_seed(1)))
     assert len(batches) == len(loader) == 10

@@ -316,6 +316,22 @@ def test_resnet50_cifar_param_count_and_shapes():
     torch.testing.assert_close(model(images), F.linear(pooled, model.fc.weight, model.fc.bias))
 
 
+def test_resnet50_tiny_has_the_2x2_pooled_head():
+    """RankMixup's resnet50_tiny: 64x64 in, 8x8 map, adaptive average to 2x2, fc(2048 * 4 -> 200)."""
+    model = timm.create_model("resnet50_tiny").eval()
+    assert model.num_classes == 200 and model.fc.in_features == 2048 * 4
+    expected = _bottleneck_resnet_count([64, 128, 256, 512], [3, 4, 6, 3], 200) + 2048 * 3 * 200
+    assert _num_params(model) == expected
+    images = torch.randn(2, 3, 64, 64)
+    features = model.forward_features(images)
+    assert features.shape == (2, 2048, 8, 8)
+    # longhand: mean over each 4x4 quadrant, flattened channel-major (as .view(B, -1) of a (B, C, 2, 2) map)
+    quadrants = features.reshape(2, 2048, 2, 4, 2, 4).mean(dim=(3, 5))
+    pooled = quadrants.reshape(2, -1)
+    torch.testing.assert_close(model(images), F.linear(pooled, model.fc.weight, model.fc.bias))
+    assert model.forward_head(features, pre_logits=True).shape == (2, 8192)
+
+
 def test_bottleneck_matches_hand_computation():
     block = models.Bottleneck(8, 4, stride=2).eval()
     bns = [block.bn1, block.bn2, block.bn3, block.shortcut[1]]
