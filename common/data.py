@@ -12,6 +12,10 @@ Where the data comes from, in order (the first that exists wins, and `DataInfo.s
 2. the dataset's usual public source (Hugging Face hub, torchvision, UCI), when `allow_download`;
 3. otherwise a `ReproError` naming every path tried and where to put the files.
 
+Augmentation recipes (`RECIPES`, chosen by `recipe` / `data.recipe`): pad-4 crop + flip at the native size
+('pad_crop_flip' = 'cifar', 'mixup_official'), timm's DeiT transform ('deit', 'deit_noerase'), and the
+random-resized-crop recipes 'rrc_flip' and 'cutmix_imagenet' (with `PCALighting` and `TensorColorJitter`).
+
 Image bytes stay encoded in memory and are decoded in `__getitem__`, as the Hugging Face and
 torchvision ImageFolder loaders do, so CIFAR-10 costs ~57 MB of RAM rather than ~180 MB of arrays.
 """
@@ -55,8 +59,18 @@ MIXUP_OFFICIAL_MEAN, MIXUP_OFFICIAL_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1
 
 # 'pad_crop_flip': zero-pad 4, random crop at the native size, horizontal flip (CIFAR's recipe, and
 # RankMixup's for Tiny-ImageNet); 'cifar' is its historical name and means the same.
-RECIPES = ("pad_crop_flip", "cifar", "mixup_official", "deit", "deit_noerase")
+# 'rrc_flip': RandomResizedCrop + flip, ImageNet mean/std (ResizeMix's ImageNet recipe, OpenMixup's
+# Tiny-ImageNet and ImageNet ones); 'cutmix_imagenet': the official CutMix ImageNet recipe (rrc_flip plus
+# colour jitter and PCA lighting).
+RECIPES = ("pad_crop_flip", "cifar", "mixup_official", "deit", "deit_noerase", "rrc_flip", "cutmix_imagenet")
 PAD_CROP_FLIP = ("pad_crop_flip", "cifar", "mixup_official")
+RANDOM_RESIZED_CROP = ("rrc_flip", "cutmix_imagenet")
+# Evaluation of the random-resized-crop recipes: short side to size / 0.875, centre crop size (256 -> 224).
+EVAL_CROP_FRACTION = 0.875
+# ImageNet RGB PCA of AlexNet-style lighting noise (fb.resnet.torch, as in clovaai/CutMix-PyTorch train.py):
+# eigenvalues, and eigenvectors as the columns of the matrix.
+IMAGENET_PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
 AIRFOIL_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/00291/airfoil_self_noise.dat"
 AIRFOIL_FILE = "airfoil_self_noise.dat"
 AIRFOIL_ROWS = 1503
@@ -300,8 +314,11 @@ def build_datasets(
     Args:
         name: registry name (see `list_datasets()`).
         root: local folder holding the data; default `$REPRO_DATA_DIR/<name>`.
-        recipe: augmentation recipe, 'default' (the dataset's usual one), 'cifar',
-            'mixup_official' or 'deit'. Ignored for tabular data ('default' only).
+        recipe: augmentation recipe: 'default' (the dataset's usual one); 'pad_crop_flip' (= 'cifar') or
+            'mixup_official' (pad-4 random crop + flip at the native size); 'deit' or 'deit_noerase' (timm's
+            DeiT transform); 'rrc_flip' (RandomResizedCrop + flip; eval resize size / 0.875 + centre crop);
+            'cutmix_imagenet' (rrc_flip + the official CutMix colour jitter and PCA lighting). Tabular data
+            takes 'default' only.
         allow_download: fall back to the public source when no local copy is found.
         val_split: when > 0, hold out that many training examples (seeded by `split_seed`) and
             return them, with the evaluation transform, as `eval_ds`; otherwise `eval_ds` is the
@@ -309,8 +326,9 @@ def build_datasets(
         split_seed: seed of the validation hold-out.
         val_per_class: hold out `val_split / num_classes` examples of every class (the last ones of a
             seeded shuffle within each class, as RankMixup's Tiny-ImageNet split) instead of a uniform draw.
-        image_size: output image side; None keeps the recipe's default (32 for 'cifar', 224 for
-            'deit'). With 'deit' on CIFAR this upsamples.
+        image_size: output image side; None keeps the recipe's default (the native size for 'cifar', 224
+            for 'deit', the native size if the dataset has one else 224 for 'rrc_flip' and 'cutmix_imagenet').
+            With 'deit' on CIFAR this upsamples.
 
     Returns:
         `(train_ds, eval_ds, info)`.
@@ -443,14 +461,113 @@ def _split_indices(
 # --------------------------------------------------------------------------------------------
 
 
+class PCALighting:
+    """AlexNet-style PCA lighting noise: adds one random colour offset to every pixel of an image.
+
+    `alpha ~ Normal(0, alphastd)` of shape (3,), offset `rgb = eigvec @ (alpha * eigval)`, output
+    `image + rgb[:, None, None]`; the offset's covariance is `eigvec diag((alphastd * eigval)^2) eigvec^T`. As
+    `utils.Lighting` of clovaai/CutMix-PyTorch (its ImageNet recipe: alphastd 0.1, ImageNet PCA), applied to
+    the 0-1 tensor after ToTensor and before Normalize, not clamped.
+
+    Args:
+        alphastd: standard deviation of the weights of the principal components; 0 is the identity.
+        eigval: (3,) eigenvalues of the RGB covariance.
+        eigvec: (3, 3) eigenvectors as columns (row i = channel i).
+        generator: torch.Generator for the draws; None draws from torch's global RNG, as the torchvision
+            transforms next to it do (DataLoader workers seed it per worker).
+    """
+
+    def __init__(
+        self,
+        alphastd: float = 0.1,
+        eigval: Sequence[float] = IMAGENET_PCA_EIGVAL,
+        eigvec: Sequence[Sequence[float]] = IMAGENET_PCA_EIGVEC,
+        generator: torch.Generator | None = None,
+    ):
+        if not alphastd >= 0:
+            raise ValueError(f"PCALighting alphastd={alphastd!r} is invalid; use a standard deviation >= 0.")
+        self.alphastd = float(alphastd)
+        self.eigval = torch.as_tensor(eigval, dtype=torch.float64)
+        self.eigvec = torch.as_tensor(eigvec, dtype=torch.float64)
+        if self.eigval.shape != (3,) or self.eigvec.shape != (3, 3):
+            raise ValueError(
+                f"PCALighting needs eigval (3,) and eigvec (3, 3), got {tuple(self.eigval.shape)} and "
+                f"{tuple(self.eigvec.shape)}; pass an RGB PCA (IMAGENET_PCA_EIGVAL, IMAGENET_PCA_EIGVEC)."
+            )
+        self.generator = generator
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """image: (3, H, W) float -> (3, H, W), same dtype."""
+        if self.alphastd == 0:  # no draw either, as the official Lighting
+            return image
+        alpha = torch.randn(3, generator=self.generator, dtype=torch.float64) * self.alphastd
+        rgb = self.eigvec @ (alpha * self.eigval)
+        return image + rgb.to(image.dtype)[:, None, None]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(alphastd={self.alphastd}, eigval={tuple(self.eigval.tolist())})"
+
+
+class TensorColorJitter:
+    """Brightness, contrast and saturation jitter of a 0-1 float image tensor, in a random order, unclamped.
+
+    The colour jitter of the official CutMix ImageNet recipe (clovaai/CutMix-PyTorch `utils.ColorJitter`,
+    applied after ToTensor): each operation blends the image with a reference,
+    `f * image + (1 - f) * reference` with `f ~ U(1 - v, 1 + v)`; the reference is black (brightness), the
+    image's mean grey level (contrast) or the pixel's grey level (saturation), grey = 0.299 R + 0.587 G +
+    0.114 B. torchvision's ColorJitter has the same laws but clamps to [0, 1] after every operation (and rounds
+    to uint8 on PIL images); the official one does neither, so neither do we.
+
+    Args:
+        brightness, contrast, saturation: the half-widths `v` (0 leaves that operation out).
+        generator: torch.Generator for the draws (order, then the three factors); None: torch's global RNG.
+    """
+
+    GREY_WEIGHTS = (0.299, 0.587, 0.114)
+
+    def __init__(self, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4,
+                 generator: torch.Generator | None = None):
+        self.strengths = (float(brightness), float(contrast), float(saturation))
+        if not all(0 <= v <= 1 for v in self.strengths):
+            raise ValueError(f"TensorColorJitter strengths {self.strengths} must lie in [0, 1] (CutMix: 0.4)")
+        self.generator = generator
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """image: (3, H, W) float -> (3, H, W), same dtype."""
+        order = torch.randperm(3, generator=self.generator).tolist()
+        uniform = torch.rand(3, generator=self.generator, dtype=torch.float64)
+        weights = torch.tensor(self.GREY_WEIGHTS, dtype=image.dtype, device=image.device)[:, None, None]
+        for op in order:  # 0 brightness, 1 contrast, 2 saturation, each with its own factor
+            strength = self.strengths[op]
+            if strength == 0:
+                continue
+            factor = 1.0 + strength * (2.0 * float(uniform[op]) - 1.0)
+            if op == 0:
+                reference = torch.zeros((), dtype=image.dtype, device=image.device)
+            else:
+                grey = (image * weights).sum(dim=0, keepdim=True)
+                reference = grey.mean() if op == 1 else grey
+            image = factor * image + (1.0 - factor) * reference
+        return image
+
+    def __repr__(self) -> str:
+        b, c, s = self.strengths
+        return f"{type(self).__name__}(brightness={b}, contrast={c}, saturation={s})"
+
+
 def _make_transforms(recipe: str, raw: _RawSplits, image_size: int | None):
     """Return `(train_transform, eval_transform, mean, std, output_size)` for an image dataset."""
     if recipe == "default":
         recipe = raw.default_recipe
     if recipe not in RECIPES:
         raise unknown_name("recipe", recipe, RECIPES)
-    if image_size is not None and (not isinstance(image_size, int) or image_size < 8):
-        raise ReproError(f"image_size={image_size!r} is invalid; use an integer >= 8 (or leave it unset).")
+    bad_type = not isinstance(image_size, int) or isinstance(image_size, bool)
+    if image_size is not None and (bad_type or image_size < 8):
+        raise ReproError(f"image_size={image_size!r} is invalid for recipe {recipe!r}; use an integer >= 8 "
+                         "(or leave it unset for the recipe's default size).")
+
+    if recipe in RANDOM_RESIZED_CROP:
+        return _random_resized_crop_transforms(recipe, raw, image_size)
 
     if recipe in ("deit", "deit_noerase"):
         # DeiT (facebookresearch/deit datasets.py build_transform) through timm's create_transform.
@@ -487,7 +604,7 @@ def _make_transforms(recipe: str, raw: _RawSplits, image_size: int | None):
         kind = "32x32 CIFAR images" if recipe == "mixup_official" else "datasets whose images share one size"
         raise ReproError(
             f"recipe {recipe!r} is for {kind} but dataset {raw.info.name!r} is not; "
-            "use recipe='deit' (or 'default')."
+            "use recipe='rrc_flip' or 'deit' (or 'default')."
         )
     mean, std = (MIXUP_OFFICIAL_MEAN, MIXUP_OFFICIAL_STD) if recipe == "mixup_official" else raw.stats
     size = image_size or native
@@ -503,6 +620,39 @@ def _make_transforms(recipe: str, raw: _RawSplits, image_size: int | None):
     )
     eval_tf = T.Compose(resize + [T.ToTensor(), T.Normalize(mean, std)])
     return train_tf, eval_tf, tuple(mean), tuple(std), size
+
+
+def _random_resized_crop_transforms(recipe: str, raw: _RawSplits, image_size: int | None):
+    """'rrc_flip' and 'cutmix_imagenet': torchvision RandomResizedCrop (scale (0.08, 1), ratio (3/4, 4/3),
+    bilinear) + horizontal flip [+ CutMix's colour jitter and PCA lighting], ImageNet mean/std.
+
+    Evaluation: resize the short side to `int(size / 0.875)` and centre-crop `size` (256 / 224), except on a
+    dataset whose stored images all have the output size (Tiny-ImageNet at 64, CIFAR at 32), evaluated on the
+    stored images as they are (OpenMixup's Tiny-ImageNet recipe). The size is `image_size`, else the dataset's
+    native size, else 224.
+    """
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    # ImageNet mean/std whatever the dataset (not `raw.stats`): ResizeMix's DALI pipeline and OpenMixup's
+    # Tiny-ImageNet and ImageNet configs normalise with them, as CutMix's train.py does.
+    mean, std = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    native = raw.native_size
+    size = image_size or native or 224
+    # ResizeMix's ImageNet runs decode and resize with NVIDIA DALI (JayQine/ResizeMix configs/train_base.py:
+    # triangular filter when shrinking, Lanczos-3 when enlarging), whose pixels differ slightly from PIL's
+    # antialiased bilinear used here; a documented difference, not replicated.
+    train_tf = [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor()]
+    if recipe == "cutmix_imagenet":
+        # clovaai/CutMix-PyTorch train.py: RandomResizedCrop(224), flip, ToTensor, then ColorJitter(0.4, 0.4,
+        # 0.4) and Lighting(0.1, ImageNet PCA) on the 0-1 tensor (their own tensor ops, unclamped), Normalize.
+        train_tf += [TensorColorJitter(0.4, 0.4, 0.4), PCALighting(0.1)]
+    train_tf.append(T.Normalize(mean, std))
+    if size == native:
+        resize = []
+    else:
+        resize = [T.Resize(int(size / EVAL_CROP_FRACTION)), T.CenterCrop(size)]
+    eval_tf = T.Compose(resize + [T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose(train_tf), eval_tf, mean, std, size
 
 
 # --------------------------------------------------------------------------------------------
