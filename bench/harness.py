@@ -41,6 +41,31 @@ def measure(step, device: torch.device, batch_size: int, steps: int, warmup: int
     return {"images_per_s": steps * batch_size / seconds, "s_per_step": seconds / steps, "peak_mem_mib": peak}
 
 
+def interleaved(steps: dict, device: torch.device, batch_size: int, steps_total: int, warmup: int,
+                rounds: int = 5) -> dict[str, dict]:
+    """Time several step functions in alternation so drift (clocks, thermals, other load) hits all alike.
+
+    Each function is warmed up, then run in `rounds` blocks of `steps_total // rounds` steps, in forward
+    order on even rounds and reversed on odd ones. Per function: the median images/s and s/step over the
+    blocks, and the largest peak memory seen.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    per_block = max(1, steps_total // rounds)
+    seen: dict[str, list[dict]] = {name: [] for name in steps}
+    names = list(steps)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            seen[name].append(measure(steps[name], device, batch_size, per_block, warmup=0))
+    out = {}
+    for name, blocks in seen.items():
+        s_per_step = sorted(b["s_per_step"] for b in blocks)[len(blocks) // 2]
+        out[name] = {"images_per_s": batch_size / s_per_step, "s_per_step": s_per_step,
+                     "peak_mem_mib": max(b["peak_mem_mib"] for b in blocks)}
+    return out
+
+
 def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
     print(f"\n{title}")
     print(" | ".join(columns))

@@ -4,7 +4,8 @@
     python -m bench.method_overhead --small    # CPU sizes, a few steps
 
 Every registered method is measured on the models it can run on (TransMix needs a ViT with a class token;
-regression methods are skipped). Overhead = step time / ERM step time - 1, measured in the same process.
+regression methods are skipped). Overhead = step time / ERM step time - 1, measured in the same process with
+the method and a fresh ERM model in alternating blocks (`bench.harness.interleaved`), so drift cancels.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import torch
 from accelerate import Accelerator
 
-from bench.harness import device_name, measure, print_table, write_json
+from bench.harness import device_name, interleaved, print_table, write_json
 from common.errors import ReproError
 from common.methods import StepContext, build_method, list_methods
 from common.models import build_model
@@ -25,7 +26,8 @@ SMALL = {"preact_w8_32": ("preact_resnet18_cifar", {"width": 8}, 32, 16),
          "vit_depth1_32": ("vit_tiny_patch4_32", {"depth": 1}, 32, 16)}
 
 
-def step_time(method_name, model_name, kwargs, size, batch, steps, warmup, accelerator):
+def step_fn(method_name, model_name, kwargs, size, batch, accelerator):
+    """A closure running one training step of `method_name` on its own model, optimiser and fixed batch."""
     device = accelerator.device
     method = build_method({"name": method_name}, num_classes=10, label_smoothing=0.1)
     torch.manual_seed(0)
@@ -36,8 +38,7 @@ def step_time(method_name, model_name, kwargs, size, batch, steps, warmup, accel
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     ctx = StepContext(epoch=0, step=0, progress=0.0, generator=torch.Generator().manual_seed(0))
-    return measure(lambda: optimisation_step(accelerator, model, optimizer, method, (x, y), ctx),
-                   device, batch, steps, warmup)
+    return lambda: optimisation_step(accelerator, model, optimizer, method, (x, y), ctx)
 
 
 def main(argv=None) -> dict:
@@ -45,6 +46,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating blocks the steps are split into")
     parser.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
     parser.add_argument("--out", default="bench/results/method_overhead.json")
     args = parser.parse_args(argv)
@@ -56,9 +58,10 @@ def main(argv=None) -> dict:
             if name == "erm":
                 continue
             try:
-                result = step_time(name, model_name, kwargs, size, batch, args.steps, args.warmup, accelerator)
-                # the reference is re-measured right after each method, so drift (clocks, other load) cancels
-                base = step_time("erm", model_name, kwargs, size, batch, args.steps, args.warmup, accelerator)
+                steps = {"method": step_fn(name, model_name, kwargs, size, batch, accelerator),
+                         "erm": step_fn("erm", model_name, kwargs, size, batch, accelerator)}
+                timed = interleaved(steps, accelerator.device, batch, args.steps, args.warmup, args.rounds)
+                result, base = timed["method"], timed["erm"]
             except (ReproError, RuntimeError, AttributeError, ValueError) as exc:
                 # e.g. TransMix on a CNN, regression methods on images, methods that need prepare()
                 rows.append({"case": case, "method": name, "skipped": str(exc).split(";")[0][:80]})

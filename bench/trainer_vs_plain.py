@@ -4,7 +4,8 @@
     python -m bench.trainer_vs_plain --small         # CPU-sized models, a few steps (what the test runs)
 
 The ratio trainer/plain is the figure of merit (>= 1.0 means the trainer adds nothing). Both sides run in
-this process on the same device, alternating, so clocks and thermals are shared.
+this process on the same device, in alternating blocks (`bench.harness.interleaved`, median of the blocks),
+so clocks and thermals are shared.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from bench.harness import device_name, measure, print_table, write_json
+from bench.harness import device_name, interleaved, print_table, write_json
 from common.methods import StepContext, build_method
 from common.models import build_model
 from common.train import optimisation_step
@@ -30,7 +31,7 @@ SMALL = {
 }
 
 
-def run_case(name, model_name, kwargs, size, batch, steps, warmup, precision, accelerator):
+def run_case(name, model_name, kwargs, size, batch, steps, warmup, rounds, precision, accelerator):
     device = accelerator.device
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -57,8 +58,8 @@ def run_case(name, model_name, kwargs, size, batch, steps, warmup, precision, ac
     def trainer_step():
         optimisation_step(accelerator, model, optimizer, method, (x, y), ctx)
 
-    plain = measure(plain_step, device, batch, steps, warmup)
-    ours = measure(trainer_step, device, batch, steps, warmup)
+    timed = interleaved({"plain": plain_step, "trainer": trainer_step}, device, batch, steps, warmup, rounds)
+    plain, ours = timed["plain"], timed["trainer"]
     return {"case": name, "model": model_name, "batch": batch, "image": size, "precision": precision,
             "plain_img_s": plain["images_per_s"], "trainer_img_s": ours["images_per_s"],
             "ratio": ours["images_per_s"] / plain["images_per_s"],
@@ -70,12 +71,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--small", action="store_true", help="CPU-sized models (for tests and laptops)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating blocks the steps are split into")
     parser.add_argument("--precision", default=None, help="no | bf16 (default: bf16 on GPU, no on CPU)")
     parser.add_argument("--out", default="bench/results/trainer_vs_plain.json")
     args = parser.parse_args(argv)
     precision = args.precision or ("bf16" if torch.cuda.is_available() else "no")
     accelerator = Accelerator(mixed_precision=precision)
-    rows = [run_case(name, *case, args.steps, args.warmup, precision, accelerator)
+    rows = [run_case(name, *case, args.steps, args.warmup, args.rounds, precision, accelerator)
             for name, case in (SMALL if args.small else CASES).items()]
     print_table(f"trainer step vs plain timm loop on {device_name(accelerator.device)}", rows,
                 ["case", "batch", "precision", "plain_img_s", "trainer_img_s", "ratio", "plain_peak_mib",
