@@ -40,6 +40,9 @@ class DataConfig:
     val_split: int = 0  # hold out this many training examples as the evaluation split
     val_per_class: bool = False  # the same number from every class (RankMixup's Tiny-ImageNet split)
     split_seed: int | None = 0  # null: the run's seed (a new split per seed, as C-Mixup's official code)
+    # repeated augmentation (DeiT's RASampler, through timm's RepeatAugSampler): each drawn image appears this many
+    # times in a row, spread over the processes; an epoch keeps floor(N / 256) * 256 samples in all. 0: off (DeiT: 3)
+    repeated_aug: int = 0
 
 
 @dataclass
@@ -70,6 +73,9 @@ class ScheduleConfig:
     min_lr: float = 0.0
     milestones: list = field(default_factory=list)  # epochs after which lr *= gamma (multistep)
     gamma: float = 0.1
+    # cosine only: the last cooldown_epochs of train.epochs run at min_lr after the cosine ends, as timm's train.py
+    # with --cooldown-epochs (its --epochs 300 --cooldown-epochs 10 is train.epochs 310, cooldown_epochs 10 here)
+    cooldown_epochs: float = 0.0
 
 
 @dataclass
@@ -279,7 +285,11 @@ def run_dict(cfg: RunConfig) -> dict:
 _NOT_HASHED = ("output_dir", "resources")
 # options added after results were committed, with the value that reproduces the old behaviour: left out
 # of the hash at that value, so finished runs keep their hash and are not retrained
-_ADDED_LATER = {("data", "val_per_class"): False}
+_ADDED_LATER = {
+    ("data", "val_per_class"): False,
+    ("data", "repeated_aug"): 0,
+    ("schedule", "cooldown_epochs"): 0,
+}
 
 
 def config_hash(cfg: RunConfig) -> str:

@@ -64,17 +64,33 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
 
 
 def build_scheduler(optimizer, cfg: RunConfig, updates_per_epoch: int):
-    """timm scheduler in units of epochs (per='epoch') or optimiser updates (per='step')."""
+    """timm scheduler in units of epochs (per='epoch') or optimiser updates (per='step').
+
+    Cosine with schedule.cooldown_epochs = c: the cosine spans train.epochs - c and the last c epochs run at
+    min_lr (timm's CosineLRScheduler returns lr_min past t_initial with cycle_limit 1), which is timm's train.py
+    with --epochs E-c --cooldown-epochs c. Warm-up overlaps the start of the cosine (timm's warmup_prefix=False,
+    what DeiT and TransMix ran), so the cosine still reaches min_lr at epoch E-c."""
     from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, StepLRScheduler
 
     s, epochs = cfg.schedule, cfg.train.epochs
     unit = 1 if s.per == "epoch" else updates_per_epoch
     in_epochs = s.per == "epoch"
     warmup = round(s.warmup_epochs * unit)
+    if s.cooldown_epochs:
+        if s.name != "cosine":
+            raise ReproError(f"schedule.cooldown_epochs={s.cooldown_epochs:g} applies to the cosine schedule only "
+                             f"(timm's --cooldown-epochs); set schedule.cooldown_epochs=0 for schedule.name={s.name}.")
+        if not 0 < s.cooldown_epochs < epochs:
+            raise ReproError(f"schedule.cooldown_epochs={s.cooldown_epochs:g} must lie in [0, train.epochs={epochs}): "
+                             "train.epochs counts the cool-down (DeiT's 300 + 10 is train.epochs=310, "
+                             "schedule.cooldown_epochs=10).")
+        if in_epochs and s.cooldown_epochs != int(s.cooldown_epochs):
+            raise ReproError(f"schedule.cooldown_epochs={s.cooldown_epochs:g} must be a whole number of epochs with "
+                             "schedule.per=epoch (the lr changes only at epoch starts); or use schedule.per=step.")
     if s.name == "cosine":
         return CosineLRScheduler(
-            optimizer, t_initial=epochs * unit, lr_min=s.min_lr, warmup_t=warmup,
-            warmup_lr_init=s.warmup_lr, t_in_epochs=in_epochs,
+            optimizer, t_initial=max(1, round((epochs - s.cooldown_epochs) * unit)), lr_min=s.min_lr,
+            warmup_t=warmup, warmup_lr_init=s.warmup_lr, t_in_epochs=in_epochs,
         )
     if s.name == "multistep":
         if not s.milestones:
@@ -89,14 +105,35 @@ def build_scheduler(optimizer, cfg: RunConfig, updates_per_epoch: int):
     raise ReproError(f"schedule.name must be cosine, multistep or constant, got {s.name!r}.")
 
 
+def train_sampler(dataset, cfg: RunConfig, epoch: int, accelerator):
+    """The training sampler of one epoch: repeated augmentation, a distributed split, or None (shuffle)."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.data.repeated_aug:
+        from timm.data.distributed_sampler import RepeatAugSampler
+
+        # timm's defaults (selected_round=256, selected_ratio=0, i.e. the world size) are DeiT's RASampler: an epoch
+        # keeps the first floor(N / 256) * 256 of the N * repeats repeated indices, split over the processes
+        sampler = RepeatAugSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                   num_repeats=cfg.data.repeated_aug)
+        # it seeds its permutation with the epoch alone (as DeiT); a seed derived from (seed, epoch), the same on
+        # every process, makes runs differ between seeds and stay resumable
+        sampler.set_epoch(derived_seed(cfg.seed, epoch, 0, 4))
+        return sampler
+    if world > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+                                     drop_last=True)
+        sampler.set_epoch(epoch)
+        return sampler
+    return None
+
+
 def make_train_loader(dataset, cfg: RunConfig, epoch: int, accelerator) -> DataLoader:
     """A loader whose order and worker seeds depend only on (seed, epoch): resumable at epoch bounds."""
-    generator = torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, 0, 1))
-    sampler = None
-    if accelerator.num_processes > 1:
-        sampler = DistributedSampler(dataset, num_replicas=accelerator.num_processes,
-                                     rank=accelerator.process_index, shuffle=True, seed=cfg.seed, drop_last=True)
-        sampler.set_epoch(epoch)
+    sampler = train_sampler(dataset, cfg, epoch, accelerator)
+    # with repeated augmentation the copies of an image go to different processes, often at the same batch
+    # position: worker seeds must differ per process, or the copies get identical augmentations
+    rank = accelerator.process_index if cfg.data.repeated_aug else 0
+    generator = torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, rank, 1))
     return DataLoader(
         dataset, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
         generator=generator, num_workers=cfg.data.num_workers, drop_last=True,
@@ -290,6 +327,16 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
     digest = config_hash(cfg)
     # validate everything cheap before the output folder is touched
     build_method(cfg.method, num_classes=2, label_smoothing=cfg.train.label_smoothing)  # name and options
+    build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.optim.lr), cfg, 1)  # schedule
+    if cfg.data.repeated_aug < 0:
+        raise ReproError(f"data.repeated_aug must be 0 (off) or a number of repeats (DeiT: 3), "
+                         f"got {cfg.data.repeated_aug}.")
+    if cfg.data.repeated_aug and cfg.data.device_cache:
+        raise ReproError(
+            f"data.repeated_aug={cfg.data.repeated_aug} needs the standard DataLoader: the device cache "
+            "(data.device_cache=true) draws its own order and has no repeated-augmentation sampler. "
+            "Set data.device_cache=false, or data.repeated_aug=0."
+        )
     if check_output_dir(out, digest, on_change):
         print(f"[repro] {out}: finished run with the same config already there; nothing to do.")
         return json.loads((out / "metrics.json").read_text())
@@ -313,13 +360,20 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
     accelerator = Accelerator(mixed_precision=cfg.train.precision,
                               gradient_accumulation_steps=cfg.train.grad_accum)
     main = accelerator.is_main_process
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / CHECKPOINT
-
-    steps_per_epoch = len(train_ds) // (cfg.train.batch_size * accelerator.num_processes)
+    # batches per epoch = len(make_train_loader(...)) (drop_last); the device cache yields as many as the sampler
+    sampler = train_sampler(train_ds, cfg, 0, accelerator)
+    per_process = len(sampler) if sampler is not None else len(train_ds)
+    steps_per_epoch = per_process // cfg.train.batch_size
+    if steps_per_epoch == 0:
+        kept = " (repeated augmentation keeps floor(N / 256) * 256 samples per epoch)" if cfg.data.repeated_aug else ""
+        raise ReproError(f"each of the {accelerator.num_processes} processes gets {per_process} training samples per "
+                         f"epoch{kept}, fewer than train.batch_size={cfg.train.batch_size}: lower train.batch_size.")
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
     updates_per_epoch = max(1, steps_per_epoch // cfg.train.grad_accum)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / CHECKPOINT
+
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, updates_per_epoch)
     eval_loaders = {
