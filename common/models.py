@@ -40,7 +40,6 @@ __all__ = [
     "MODEL_NAMES",
     "BasicBlock",
     "Bottleneck",
-    "BottleneckResNetCifar",
     "ModelArgumentError",
     "PreActBlock",
     "PreActResNet",
@@ -343,6 +342,8 @@ class BasicBlock(nn.Module):
         drop_path: Stochastic-depth probability of the residual branch.
     """
 
+    expansion = 1  # output channels per unit of stage width (Bottleneck: 4)
+
     def __init__(self, in_chs: int, out_chs: int, stride: int = 1, drop_path: float = 0.0):
         super().__init__()
         self.conv1 = _conv3x3(in_chs, out_chs, stride)
@@ -366,25 +367,35 @@ class BasicBlock(nn.Module):
 class ResNetCifar(_PooledLinearHead):
     """ResNet with the CIFAR stem: 3x3 stride-1 conv + BN + ReLU and no max-pool, so stage 1 sees 32x32.
 
+    One class for the basic-block ResNet-18 (kuangliu/pytorch-cifar) and the bottleneck ResNet-50 of
+    RankMixup (`ResNet_Cifar`: PyTorch's default init, no zero-init of the last BN, no dropout by default,
+    `avg_pool2d(4)` over the 4x4 map of a 32x32 input = our global mean; its `temp`, always 1.0, is left out).
+
     Args:
+        block: `BasicBlock` or `Bottleneck`; a stage of width w outputs `block.expansion * w` channels.
         depths: Blocks per stage.
-        widths: Output channels per stage (stage 1 width is also the stem width).
+        widths: Width per stage (stage 1 width is also the stem width).
         num_classes: Classifier outputs; 0 gives pooled features.
         in_chans: Input channels.
         head_drop_rate: Dropout before the classifier.
         drop_path_rate: Stochastic depth of the last block (linear from 0 over blocks).
+        pool_size: side of the pooled map the classifier sees: 1 = global average (CIFAR), 2 = the 2x2
+            adaptive average of RankMixup's Tiny-ImageNet ResNets (features flattened channel-major).
     """
 
     def __init__(
         self,
+        block: type[nn.Module],
         depths: tuple[int, ...],
         widths: tuple[int, ...],
         num_classes: int = 10,
         in_chans: int = 3,
         head_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        pool_size: int = 1,
     ):
         super().__init__()
+        self.pool_size = pool_size
         self.stem = nn.Sequential(
             _conv3x3(in_chans, widths[0]), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
         )
@@ -394,15 +405,29 @@ class ResNetCifar(_PooledLinearHead):
             blocks = []
             for block_idx in range(depth):
                 stride = 2 if stage_idx > 0 and block_idx == 0 else 1
-                blocks.append(BasicBlock(in_chs, width, stride, next(path_rates)))
-                in_chs = width
+                blocks.append(block(in_chs, width, stride, next(path_rates)))
+                in_chs = block.expansion * width
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
-        self._init_head(in_chs, num_classes, head_drop_rate)
+        self._init_head(in_chs * pool_size**2, num_classes, head_drop_rate)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: (B, in_chans, H, W). Returns: (B, num_features, H/8, W/8)."""
+        """Args: x: (B, in_chans, H, W). Returns: (B, C, H/8, W/8)."""
         return self.stages(self.stem(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool (globally, or to `pool_size` x `pool_size`), flatten, classify; see `_PooledLinearHead`."""
+        if self.pool_size == 1:
+            return super().forward_head(x, pre_logits)
+        x = self.head_drop(nn.functional.adaptive_avg_pool2d(x, self.pool_size).flatten(1))
+        return x if pre_logits else self.fc(x)
+
+
+def _resnet_cifar(name: str, block, depths, pretrained, kwargs, num_classes, in_chans, drop_rate,
+                  drop_path_rate, pool_size: int = 1) -> ResNetCifar:
+    _entry_kwargs(name, pretrained, kwargs, _CNN_ARGS)
+    return ResNetCifar(block, depths, (64, 128, 256, 512), num_classes=num_classes, in_chans=in_chans,
+                       head_drop_rate=drop_rate, drop_path_rate=drop_path_rate, pool_size=pool_size)
 
 
 @_register
@@ -415,15 +440,8 @@ def resnet18_cifar(
     **kwargs: Any,
 ) -> ResNetCifar:
     """ResNet-18 with the CIFAR stem (~11.17M parameters for 10 classes); `drop_rate` is head dropout."""
-    _entry_kwargs("resnet18_cifar", pretrained, kwargs, _CNN_ARGS)
-    return ResNetCifar(
-        depths=(2, 2, 2, 2),
-        widths=(64, 128, 256, 512),
-        num_classes=num_classes,
-        in_chans=in_chans,
-        head_drop_rate=drop_rate,
-        drop_path_rate=drop_path_rate,
-    )
+    return _resnet_cifar("resnet18_cifar", BasicBlock, (2, 2, 2, 2), pretrained, kwargs, num_classes, in_chans,
+                         drop_rate, drop_path_rate)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -469,63 +487,6 @@ class Bottleneck(nn.Module):
         return torch.relu(self.shortcut(x) + self.drop_path(out))
 
 
-class BottleneckResNetCifar(_PooledLinearHead):
-    """Bottleneck ResNet with the CIFAR stem (3x3 stride-1 conv + BN + ReLU, no max-pool).
-
-    Mirrors `ResNet_Cifar` + `resnet50_cifar` of cvlab-yonsei/RankMixup: PyTorch's default init (no He
-    init, no zero-init of the last BN), no dropout by default, `avg_pool2d(4)` over the 4x4 map of a 32x32
-    input (our global mean), linear head. Its `temp` (always 1.0) is a no-op and is left out.
-
-    Args:
-        depths: Bottleneck blocks per stage ([3, 4, 6, 3] for ResNet-50).
-        planes: Bottleneck width per stage; stage outputs are 4x these.
-        num_classes: Classifier outputs; 0 gives pooled features.
-        in_chans: Input channels.
-        head_drop_rate: Dropout before the classifier.
-        drop_path_rate: Stochastic depth of the last block (linear from 0 over blocks).
-        pool_size: side of the pooled map the classifier sees: 1 = global average (CIFAR), 2 = the 2x2
-            adaptive average of RankMixup's Tiny-ImageNet ResNets (features flattened channel-major).
-    """
-
-    def __init__(
-        self,
-        depths: tuple[int, ...],
-        planes: tuple[int, ...],
-        num_classes: int = 10,
-        in_chans: int = 3,
-        head_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        pool_size: int = 1,
-    ):
-        super().__init__()
-        self.pool_size = pool_size
-        self.stem = nn.Sequential(
-            _conv3x3(in_chans, planes[0]), nn.BatchNorm2d(planes[0]), nn.ReLU(inplace=True)
-        )
-        path_rates = iter(_drop_path_rates(drop_path_rate, depths))
-        stages, in_chs = [], planes[0]
-        for stage_idx, (depth, width) in enumerate(zip(depths, planes, strict=True)):
-            blocks = []
-            for block_idx in range(depth):
-                stride = 2 if stage_idx > 0 and block_idx == 0 else 1
-                blocks.append(Bottleneck(in_chs, width, stride, next(path_rates)))
-                in_chs = Bottleneck.expansion * width
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.Sequential(*stages)
-        self._init_head(in_chs * pool_size**2, num_classes, head_drop_rate)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: (B, in_chans, H, W). Returns: (B, 2048, H/8, W/8)."""
-        return self.stages(self.stem(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool (globally, or to `pool_size` x `pool_size`), flatten, classify; see `_PooledLinearHead`."""
-        if self.pool_size == 1:
-            return super().forward_head(x, pre_logits)
-        x = self.head_drop(nn.functional.adaptive_avg_pool2d(x, self.pool_size).flatten(1))
-        return x if pre_logits else self.fc(x)
-
-
 @_register
 def resnet50_cifar(
     pretrained: bool = False,
@@ -534,17 +495,11 @@ def resnet50_cifar(
     drop_rate: float = 0.0,
     drop_path_rate: float = 0.0,
     **kwargs: Any,
-) -> BottleneckResNetCifar:
-    """ResNet-50 with the CIFAR stem (~23.52M parameters for 10 classes); `drop_rate` is head dropout."""
-    _entry_kwargs("resnet50_cifar", pretrained, kwargs, _CNN_ARGS)
-    return BottleneckResNetCifar(
-        depths=(3, 4, 6, 3),
-        planes=(64, 128, 256, 512),
-        num_classes=num_classes,
-        in_chans=in_chans,
-        head_drop_rate=drop_rate,
-        drop_path_rate=drop_path_rate,
-    )
+) -> ResNetCifar:
+    """ResNet-50 with the CIFAR stem (~23.52M parameters for 10 classes), as RankMixup's `resnet50_cifar`
+    (cvlab-yonsei/RankMixup `calibrate/net/resnet_mixup.py`); `drop_rate` is head dropout."""
+    return _resnet_cifar("resnet50_cifar", Bottleneck, (3, 4, 6, 3), pretrained, kwargs, num_classes, in_chans,
+                         drop_rate, drop_path_rate)
 
 
 @_register
@@ -555,18 +510,10 @@ def resnet50_tiny(
     drop_rate: float = 0.0,
     drop_path_rate: float = 0.0,
     **kwargs: Any,
-) -> BottleneckResNetCifar:
+) -> ResNetCifar:
     """RankMixup's `resnet50_tiny` for 64x64 Tiny-ImageNet: `resnet50_cifar` with a 2x2-pooled head."""
-    _entry_kwargs("resnet50_tiny", pretrained, kwargs, _CNN_ARGS)
-    return BottleneckResNetCifar(
-        depths=(3, 4, 6, 3),
-        planes=(64, 128, 256, 512),
-        num_classes=num_classes,
-        in_chans=in_chans,
-        head_drop_rate=drop_rate,
-        drop_path_rate=drop_path_rate,
-        pool_size=2,
-    )
+    return _resnet_cifar("resnet50_tiny", Bottleneck, (3, 4, 6, 3), pretrained, kwargs, num_classes, in_chans,
+                         drop_rate, drop_path_rate, pool_size=2)
 
 
 # ----------------------------------------------------------------------------------------------------
