@@ -7,7 +7,8 @@ so every message must say what was wrong and how to fix it.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 
 
 class ReproError(Exception):
@@ -28,3 +29,14 @@ def unknown_name(kind: str, name: str, choices: Iterable[str]) -> ReproError:
     return ReproError(
         f"unknown {kind} {name!r}.{closest(name, choices)} Valid {kind} names: {', '.join(choices)}."
     )
+
+
+def exit_status(action: Callable[[], object]) -> int:
+    """Run a command-line action: 0 when it finishes; 2, with its message as one `error:` line on stderr and
+    no traceback, when it raises a ReproError (the message says what to fix)."""
+    try:
+        action()
+    except ReproError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

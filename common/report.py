@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from common.errors import ReproError
+from common.errors import ReproError, exit_status
 from common.workflow import REPO_ROOT, SCALES, load_experiment, papers, runs
 
 SCALE_NOTES = {
@@ -308,7 +308,8 @@ def main(argv=None) -> int:
             p.add_argument("--experiment", required=True)
     args = parser.parse_args(argv)
     results, reports, figures = Path(args.results), Path(args.reports), Path(args.figures)
-    try:
+
+    def command():
         if args.command == "table":
             write_table(args.paper, args.scale, args.table, results, reports / args.paper / args.scale)
         elif args.command == "curves":
@@ -334,10 +335,8 @@ def main(argv=None) -> int:
                                 stamp=SCALE_NOTES[args.scale])
         else:
             write_index(results, reports, figures)
-    except ReproError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_status(command)
 
 
 if __name__ == "__main__":

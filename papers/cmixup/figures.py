@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from common.config import read_yaml
-from common.errors import ReproError
+from common.errors import ReproError, exit_status
 from common.plots import plot_seed_bars, save_figure
 from papers.cmixup.method import pair_probability_rows
 
@@ -101,15 +101,9 @@ def main(argv=None) -> int:
         p.add_argument("--out", required=True)
         p.add_argument("--stamp", default="")
     args = parser.parse_args(argv)
-    try:
-        if args.figure == "rmse":
-            rmse_figure(args.runs, Path(args.out), args.stamp)
-        else:
-            kernel_figure(Path(args.config), Path(args.out), args.stamp)
-    except ReproError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    if args.figure == "rmse":
+        return exit_status(lambda: rmse_figure(args.runs, Path(args.out), args.stamp))
+    return exit_status(lambda: kernel_figure(Path(args.config), Path(args.out), args.stamp))
 
 
 if __name__ == "__main__":

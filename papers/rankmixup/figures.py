@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from common.errors import ReproError
+from common.errors import exit_status
 from common.plots import save_figure
 
 VIEWS = (("test", "raw"), ("test_ts", "after TS"))
@@ -176,12 +176,7 @@ def main(argv=None) -> int:
     r.add_argument("--out", required=True)
     r.add_argument("--stamp", default="")
     args = parser.parse_args(argv)
-    try:
-        reliability_figure([Path(p) for p in args.runs], Path(args.out), args.stamp)
-    except ReproError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: reliability_figure([Path(p) for p in args.runs], Path(args.out), args.stamp))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from common.errors import ReproError
+from common.errors import ReproError, exit_status
 from common.methods import build_method
 from common.mixing import randperm_partner
 from common.plots import save_figure
@@ -108,16 +108,15 @@ def main(argv=None) -> int:
     parser.add_argument("--stamp", default="")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny tensors: extra threads only oversubscribe the cores beside other jobs
-    try:
+
+    def draw():
         methods = mixing_methods(args.scale, args.experiment)
         if not methods:
             raise ReproError(f"experiment {args.experiment!r} at scale {args.scale} has no mixing method.")
-        draw = pairs_figure if args.figure == "pairs" else weights_figure
-        draw(methods, Path(args.out), args.stamp)
-    except ReproError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        figure = pairs_figure if args.figure == "pairs" else weights_figure
+        figure(methods, Path(args.out), args.stamp)
+
+    return exit_status(draw)
 
 
 if __name__ == "__main__":

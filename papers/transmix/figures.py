@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from common.attention import capture_cls_attention
 from common.config import load_config
-from common.errors import ReproError
+from common.errors import exit_status
 from common.mixing import cutmix_box, flip_partner, paste_box
 from common.plots import save_figure
 from papers.transmix.method import transmix_weights
@@ -142,15 +142,9 @@ def main(argv=None) -> int:
         p.add_argument("--out", required=True)
         p.add_argument("--stamp", default="")
     args = parser.parse_args(argv)
-    try:
-        if args.figure == "attention":
-            attention_figure(Path(args.run), Path(args.out), args.stamp)
-        else:
-            weights_figure([Path(r) for r in args.runs], Path(args.out), args.stamp)
-    except ReproError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    if args.figure == "attention":
+        return exit_status(lambda: attention_figure(Path(args.run), Path(args.out), args.stamp))
+    return exit_status(lambda: weights_figure([Path(r) for r in args.runs], Path(args.out), args.stamp))
 
 
 if __name__ == "__main__":
