@@ -8,12 +8,15 @@ from papers.cmixup.method import (
     pair_probability_rows,
     sample_partners,
 )
+from papers.cmixup.models import LSTNet, lstnet  # registers `lstnet` into timm
 
 __all__ = [
     "CMixup",
     "CMixupWithinBatch",
+    "LSTNet",
     "ManifoldMixupRegression",
     "MixupRegression",
+    "lstnet",
     "official_draws",
     "pair_probabilities",
     "pair_probability_rows",

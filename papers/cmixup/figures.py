@@ -41,7 +41,10 @@ def rmse_figure(runs: list[tuple[str, Path]], stem: Path, stamp: str, statistic:
 
 
 def kernel_figure(config: Path, stem: Path, stamp: str, quantiles=(0.1, 0.5, 0.9), bins: int = 40) -> dict:
-    """Law of the partner's label for a few anchors: uniform partners vs the C-Mixup kernel of the config."""
+    """Law of the partner's label for a few anchors: uniform partners vs the C-Mixup kernel of the config.
+
+    Scalar labels: histogram of the partner's label. Label vectors (time series): histogram of the partner's
+    distance to the anchor's label vector, the quantity the kernel acts on."""
     from common.data import build_splits
 
     raw = read_yaml(config)
@@ -53,30 +56,34 @@ def kernel_figure(config: Path, stem: Path, stamp: str, quantiles=(0.1, 0.5, 0.9
     train_ds, *_ = build_splits(data["name"], root=data.get("root"), allow_download=False,
                                 split_seed=data.get("split_seed") or 0)  # null (one split per seed): seed 0's
     labels = train_ds.targets.double().reshape(len(train_ds), -1)
-    if labels.shape[1] != 1:
-        raise ReproError(f"the kernel figure draws scalar labels; {data['name']} has {labels.shape[1]}-dim labels.")
-    y = labels[:, 0].numpy()
-    anchors = [int(np.argmin(np.abs(y - np.quantile(y, q)))) for q in quantiles]
+    scalar = labels.shape[1] == 1
+    # scalar labels: the partner's label itself; label vectors (time series): its distance to the anchor's
+    spread = labels[:, 0] if scalar else (labels - labels.mean(dim=0)).norm(dim=1)
+    anchors = [int(np.argmin(np.abs(spread.numpy() - np.quantile(spread.numpy(), q)))) for q in quantiles]
     rows = pair_probability_rows(labels[anchors], labels, bandwidth).numpy()
-    edges = np.linspace(y.min(), y.max(), bins + 1)
     fig, axes = plt.subplots(1, len(anchors), figsize=(4.2 * len(anchors), 3.8), sharey=True)
     drawn = {}
     for ax, anchor, row in zip(np.atleast_1d(axes), anchors, rows, strict=True):
-        uniform = np.full(len(y), 1.0 / len(y))
+        distance = (labels - labels[anchor]).norm(dim=1).numpy()
+        x = labels[:, 0].numpy() if scalar else distance
+        edges = np.linspace(x.min(), x.max(), bins + 1)
+        uniform = np.full(len(x), 1.0 / len(x))
         for weights, name, color in ((uniform, "mixup: uniform", "tab:gray"),
                                      (row, f"C-Mixup: σ = {bandwidth:g}", "tab:red")):
-            mass, _ = np.histogram(y, bins=edges, weights=weights)
-            gap = float((weights * np.abs(y - y[anchor])).sum())
+            mass, _ = np.histogram(x, bins=edges, weights=weights)
+            gap = float((weights * distance).sum())
             ax.stairs(mass, edges, fill=True, alpha=0.45, color=color, label=f"{name}, E|Δy| = {gap:.2f}")
             drawn[(anchor, name.split(":")[0])] = mass
-        ax.axvline(y[anchor], color="black", lw=1.2, ls="--", label=f"anchor y = {y[anchor]:.2f}")
-        ax.set(xlabel="partner label y (label units)",
-               title=f"anchor at the {quantiles[anchors.index(anchor)]:.0%} label quantile\n"
-                     f"P(partner = itself) = {row[anchor]:.3f}")
+        if scalar:
+            ax.axvline(x[anchor], color="black", lw=1.2, ls="--", label=f"anchor y = {x[anchor]:.2f}")
+        ax.set(xlabel="partner label y (label units)" if scalar else "|y_partner - y_anchor| (label units)",
+               title=f"anchor at the {quantiles[anchors.index(anchor)]:.0%} "
+                     f"{'label' if scalar else '|y - mean y|'} quantile\nP(partner = itself) = {row[anchor]:.3f}")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     np.atleast_1d(axes)[0].set_ylabel("probability of the partner's label bin")
-    fig.suptitle(f"C-Mixup partner law on {data['name']} ({len(y)} training labels): uniform vs label kernel")
+    dims = "" if scalar else f" of dimension {labels.shape[1]}"
+    fig.suptitle(f"C-Mixup partner law on {data['name']} ({len(labels)} training labels{dims}): uniform vs label kernel")
     fig.text(0.01, 0.01, stamp, fontsize=7, style="italic")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     save_figure(fig, stem)
