@@ -61,7 +61,11 @@ def pair_probability_rows(anchor_labels, labels, bandwidth: float) -> torch.Tens
     pool = _labels64(labels).to(anchors.device)
     if anchors.shape[1] != pool.shape[1]:
         raise ReproError(f"anchor labels have {anchors.shape[1]} dims but the pool's have {pool.shape[1]}.")
-    sq_dist = ((anchors[:, None, :] - pool[None, :, :]) ** 2).sum(-1)  # differences, no cancellation
+    # differences, no cancellation; summed over chunks of label dimensions so that no (B, N, d) tensor larger
+    # than 2^26 elements exists at once (Electricity: d = 321, N = 15.6k); one chunk whenever d is small
+    step = max(1, 2**26 // max(1, anchors.shape[0] * pool.shape[0]))
+    sq_dist = sum(((a[:, None, :] - p[None, :, :]) ** 2).sum(-1)
+                  for a, p in zip(anchors.split(step, dim=1), pool.split(step, dim=1), strict=True))
     # the maximum log-kernel of each row is 0 (self or a duplicate), so exp never overflows
     kernel = torch.exp(-sq_dist / (2.0 * float(bandwidth) ** 2))
     return kernel / kernel.sum(dim=1, keepdim=True)

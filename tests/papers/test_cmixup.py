@@ -222,3 +222,16 @@ def test_bad_inputs_fail_clearly():
     manifold = build_method({"name": "cmixup", "manifold": True}, num_classes=1, task="regression")
     with pytest.raises(ReproError, match="block_1, block_2 and forward_head"):
         manifold.check_model(torch.nn.Linear(5, 1))
+
+
+def test_kernel_rows_of_wide_labels_are_summed_in_chunks_exactly(monkeypatch):
+    """Label vectors wide enough to be chunked give the same rows as the one-shot formula."""
+    from papers.cmixup import method as cm
+
+    gen = torch.Generator().manual_seed(0)
+    # float32 draws: the kernel works on float32 labels widened to float64, as the official code's labels
+    anchors, pool = torch.randn(64, 300, generator=gen).double(), torch.randn(4000, 300, generator=gen).double()
+    rows = cm.pair_probability_rows(anchors, pool, bandwidth=12.0)  # 64 * 4000 = 256k per dim: 256 dims a chunk
+    sq = ((anchors[:, None, :] - pool[None, :, :]) ** 2).sum(-1)
+    want = torch.exp(-sq / (2 * 12.0**2))
+    torch.testing.assert_close(rows, want / want.sum(1, keepdim=True), rtol=1e-12, atol=1e-15)
