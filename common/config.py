@@ -93,6 +93,9 @@ class TrainConfig:
     eval_batch_size: int | None = None
     compile: bool = False  # torch.compile the model (GPU runs; the first epoch pays the compilation)
     channels_last: bool = False  # channels-last memory format for convolutional nets on GPUs
+    # multi-GPU: let DDP skip parameters that got no gradient this step (a head only some steps use, as SMMix's
+    # token head on Mixup steps); costs an extra graph traversal per step, so off unless a model needs it
+    find_unused_parameters: bool = False
     # model selection: 'last' epoch, or the epoch with the best validation metric (needs a validation
     # split); the test metrics of the selected epoch are reported under metrics.json 'selected'
     select: str = "last"
@@ -289,6 +292,7 @@ _ADDED_LATER = {
     ("data", "val_per_class"): False,
     ("data", "repeated_aug"): 0,
     ("schedule", "cooldown_epochs"): 0,
+    ("train", "find_unused_parameters"): False,
 }
 
 

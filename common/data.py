@@ -13,7 +13,7 @@ Where the data comes from, in order (the first that exists wins, and `DataInfo.s
 3. otherwise a `ReproError` naming every path tried and where to put the files.
 
 Augmentation recipes (`RECIPES`, chosen by `recipe` / `data.recipe`): pad-4 crop + flip at the native size
-('pad_crop_flip' = 'cifar', 'mixup_official'), timm's DeiT transform ('deit', 'deit_noerase'), and the
+('pad_crop_flip' = 'cifar', 'mixup_official'), timm's DeiT transform ('deit', 'deit_noerase', 'deit_bicubic_noerase'), and the
 random-resized-crop recipes 'rrc_flip' and 'cutmix_imagenet' (with `PCALighting` and `TensorColorJitter`).
 
 Image bytes stay encoded in memory and are decoded in `__getitem__`, as the Hugging Face and
@@ -62,7 +62,13 @@ MIXUP_OFFICIAL_MEAN, MIXUP_OFFICIAL_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1
 # 'rrc_flip': RandomResizedCrop + flip, ImageNet mean/std (ResizeMix's ImageNet recipe, OpenMixup's
 # Tiny-ImageNet and ImageNet ones); 'cutmix_imagenet': the official CutMix ImageNet recipe (rrc_flip plus
 # colour jitter and PCA lighting).
-RECIPES = ("pad_crop_flip", "cifar", "mixup_official", "deit", "deit_noerase", "rrc_flip", "cutmix_imagenet")
+RECIPES = ("pad_crop_flip", "cifar", "mixup_official", "deit", "deit_noerase", "deit_bicubic_noerase", "rrc_flip",
+           "cutmix_imagenet")
+DEIT_RECIPES = {  # name: (random erasing probability, train interpolation)
+    "deit": (0.25, "bicubic"),  # DeiT's datasets.py build_transform
+    "deit_noerase": (0.0, "random"),  # timm 0.5.4 train.py defaults: the released TransMix recipe (transmix.md §3)
+    "deit_bicubic_noerase": (0.0, "bicubic"),  # DeiT's code with --reprob 0: SMMix's fork (smmix.md §3)
+}
 PAD_CROP_FLIP = ("pad_crop_flip", "cifar", "mixup_official")
 RANDOM_RESIZED_CROP = ("rrc_flip", "cutmix_imagenet")
 # Evaluation of the random-resized-crop recipes: short side to size / 0.875, centre crop size (256 -> 224).
@@ -315,7 +321,7 @@ def build_datasets(
         name: registry name (see `list_datasets()`).
         root: local folder holding the data; default `$REPRO_DATA_DIR/<name>`.
         recipe: augmentation recipe: 'default' (the dataset's usual one); 'pad_crop_flip' (= 'cifar') or
-            'mixup_official' (pad-4 random crop + flip at the native size); 'deit' or 'deit_noerase' (timm's
+            'mixup_official' (pad-4 random crop + flip at the native size); 'deit', 'deit_noerase' or 'deit_bicubic_noerase' (timm's
             DeiT transform); 'rrc_flip' (RandomResizedCrop + flip; eval resize size / 0.875 + centre crop);
             'cutmix_imagenet' (rrc_flip + the official CutMix colour jitter and PCA lighting). Tabular data
             takes 'default' only.
@@ -569,22 +575,21 @@ def _make_transforms(recipe: str, raw: _RawSplits, image_size: int | None):
     if recipe in RANDOM_RESIZED_CROP:
         return _random_resized_crop_transforms(recipe, raw, image_size)
 
-    if recipe in ("deit", "deit_noerase"):
-        # DeiT (facebookresearch/deit datasets.py build_transform) through timm's create_transform.
-        # 'deit_noerase' is the released TransMix recipe: timm 0.5.4 train.py defaults, i.e. no random
-        # erasing and a random train interpolation (transmix.md §3).
+    if recipe in DEIT_RECIPES:
+        # DeiT (facebookresearch/deit datasets.py build_transform) through timm's create_transform; the variants
+        # differ only in random erasing and the train interpolation (DEIT_RECIPES)
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 
-        release = recipe == "deit_noerase"
+        erase_prob, interpolation = DEIT_RECIPES[recipe]
         size = image_size or 224
         train_tf = create_transform(
             size,
             is_training=True,
             auto_augment="rand-m9-mstd0.5-inc1",
-            re_prob=0.0 if release else 0.25,
+            re_prob=erase_prob,
             re_mode="pixel",
             re_count=1,
-            interpolation="random" if release else "bicubic",
+            interpolation=interpolation,
             mean=IMAGENET_DEFAULT_MEAN,
             std=IMAGENET_DEFAULT_STD,
         )

@@ -72,6 +72,8 @@ def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     Raises:
         ReproError: `name` is not a timm model.
     """
+    import papers  # noqa: F401  (papers register their own models, e.g. LSTNet, SMMix's ViTs; late: papers import us)
+
     if not timm.is_model(name):
         hint = closest(name, timm.list_models())
         ours = ", ".join(timm.list_models(module=_TIMM_MODULE))

@@ -319,7 +319,7 @@ def check_output_dir(out: Path, digest: str, on_change: str = "error") -> bool:
 
 def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> dict:
     """Train and evaluate one run into `out`; returns the metrics dict."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     from common.data import build_splits
     from common.models import build_model
@@ -357,8 +357,9 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
     if len(train_ds) < cfg.train.batch_size:
         raise ReproError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(train_ds)} training examples.")
 
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.train.find_unused_parameters else []
     accelerator = Accelerator(mixed_precision=cfg.train.precision,
-                              gradient_accumulation_steps=cfg.train.grad_accum)
+                              gradient_accumulation_steps=cfg.train.grad_accum, kwargs_handlers=handlers)
     main = accelerator.is_main_process
     # batches per epoch = len(make_train_loader(...)) (drop_last); the device cache yields as many as the sampler
     sampler = train_sampler(train_ds, cfg, 0, accelerator)

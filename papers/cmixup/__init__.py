@@ -8,7 +8,7 @@ from papers.cmixup.method import (
     pair_probability_rows,
     sample_partners,
 )
-from papers.cmixup.models import LSTNet, lstnet  # registers `lstnet` into timm
+from papers.cmixup.lstnet import LSTNet, lstnet  # registers `lstnet` into timm
 
 __all__ = [
     "CMixup",

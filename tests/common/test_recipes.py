@@ -284,3 +284,23 @@ def test_colour_jitter_factors_span_the_official_range():
     factors = np.array([float(jitter(grey)[0, 0, 0]) / 0.5 for _ in range(4000)])
     assert 0.6 <= factors.min() < 0.61 and 1.39 < factors.max() <= 1.4
     assert abs(factors.mean() - 1.0) < 0.01
+
+
+@pytest.mark.parametrize(
+    "recipe,erasing,interpolation",
+    [("deit", 0.25, "bicubic"), ("deit_noerase", None, "random"), ("deit_bicubic_noerase", None, "bicubic")],
+)
+def test_deit_recipes_differ_only_in_erasing_and_interpolation(recipe, erasing, interpolation, no_data_env):
+    """DeiT's transform (erasing 0.25, bicubic), TransMix's release (no erasing, random interpolation) and
+    SMMix's fork (no erasing, bicubic): the same RandAugment crop-flip pipeline otherwise."""
+    from timm.data.random_erasing import RandomErasing
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    train_ds, _, info = build_datasets("cifar10-mini", recipe=recipe, allow_download=False)
+    steps = train_ds.transform.transforms
+    crop = next(t for t in steps if isinstance(t, RandomResizedCropAndInterpolation))
+    chosen = "random" if isinstance(crop.interpolation, (tuple, list)) else crop.interpolation.value
+    assert chosen == interpolation
+    erase = [t for t in steps if isinstance(t, RandomErasing)]
+    assert (erase[0].probability if erase else None) == erasing
+    assert info.image_size == 224 and info.recipe == recipe

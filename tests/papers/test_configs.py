@@ -7,6 +7,7 @@ import timm
 import yaml
 
 import common.models  # noqa: F401  (registers our CIFAR backbones into timm)
+import papers  # noqa: F401  (registers the papers' own models: LSTNet, SMMix's ViTs)
 from common.config import load_config
 from common.data import list_datasets
 from common.methods import build_method

@@ -1,4 +1,4 @@
-"""LSTNet (papers/cmixup/models.py): longhand loops, manifold mixing through it, short training runs."""
+"""LSTNet (papers/cmixup/lstnet.py): longhand loops, manifold mixing through it, short training runs."""
 
 from __future__ import annotations
 
