@@ -184,19 +184,21 @@ def smmix_loss(z, z_target, z_source, t, y_target, y_source, q, fine_weight=1.0,
 
 # ----------------------------------------------------------------------------------------- motivation
 def motivating_pass(model, images: torch.Tensor, fp32: bool = True):
-    """Eval-mode, no-grad pass of the unmixed batch: (z0 (B, K), a (B, N)); the model is in train mode after.
+    """Eval-mode, no-grad pass of the unmixed batch: (z0 (B, K), a (B, N)); the model's mode is restored after
+    (train mode in training, as the official `motivat_model.train()`).
 
     ``fp32`` runs it outside the training autocast, as the official code (the mixer is called before the
     `autocast` block in engine.py). Dropout and drop path are off (eval), so it uses no randomness.
     """
     inner = unwrap_model(model)
     precision = torch.autocast(device_type=images.device.type, enabled=False) if fp32 else contextlib.nullcontext()
+    was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), precision:
             z0, attn = inner.motivate(images)
     finally:
-        model.train()  # official: motivat_model.train()
+        model.train(was_training)
     return z0, attn
 
 

@@ -12,11 +12,16 @@ from common.methods import METHODS, StepContext, build_method, list_methods
 from common.models import build_model
 
 K = 10
+# what a method needs beyond its defaults to run on the test's 32-px, 4-px-patch ViT: options sized for it
+# (MixPro's defaults are ImageNet's 56-px cells on 14-px patches) or its own model (SMMix's token head)
+SMALL_IMAGE_OPTIONS = {"maskmix": {"mask_size": 8, "patch_size": 4}, "mixpro": {"mask_size": 8, "patch_size": 4}}
+IMAGE_MODEL = {"smmix": "smmix_vit_tiny_patch4_32"}
 
 
-def classification_setup():
+def classification_setup(name=None):
     torch.manual_seed(0)
-    model = build_model("vit_tiny_patch4_32", num_classes=K, depth=1).eval()  # eval: no dropout noise
+    model_name = IMAGE_MODEL.get(name, "vit_tiny_patch4_32")
+    model = build_model(model_name, num_classes=K, depth=1).eval()  # eval: no dropout noise
     g = torch.Generator().manual_seed(0)
     batch = (torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, K, (8,), generator=g))
     info = DataInfo(name="toy-images", task="classification", num_classes=K, image_size=32, mean=None, std=None,
@@ -24,7 +29,7 @@ def classification_setup():
     return model, batch, None, info
 
 
-def regression_setup():
+def regression_setup(name=None):
     rs = np.random.RandomState(0)
     features, targets = rs.randn(64, 5), rs.randn(64) * 3 + 10
     dataset = TabularDataset(features, targets, np.zeros(5), np.ones(5))
@@ -39,16 +44,18 @@ def regression_setup():
 def prepared(name):
     """Build `name` for the task it supports (classification first, else regression)."""
     for setup in (classification_setup, regression_setup):
-        model, batch, dataset, info = setup()
-        try:
-            smoothing = 0.1 if info.task == "classification" else 0.0
-            method = build_method({"name": name}, num_classes=info.num_classes, label_smoothing=smoothing,
-                                  task=info.task)
-            method.prepare(dataset, info)
-            method.check_model(model)
-        except ReproError:
-            continue
-        return method, model, batch
+        model, batch, dataset, info = setup(name)
+        options = {"name": name, **(SMALL_IMAGE_OPTIONS.get(name, {}) if info.task == "classification" else {})}
+        # label smoothing where the method takes it; some refuse it (DecoupleMix's loss is defined without)
+        for smoothing in ((0.1, 0.0) if info.task == "classification" else (0.0,)):
+            try:
+                method = build_method(options, num_classes=info.num_classes, label_smoothing=smoothing,
+                                      task=info.task)
+                method.prepare(dataset, info)
+                method.check_model(model)
+            except ReproError:
+                continue
+            return method, model, batch
     pytest.fail(f"method {name!r} works neither on images with a ViT nor on a table with an MLP")
 
 
