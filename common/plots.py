@@ -385,3 +385,29 @@ def save_figure(fig, out_stem: str | Path) -> None:
         fig.savefig(stem.with_name(stem.name + ".pdf"))
     finally:
         plt.close(fig)
+
+
+def message_figure(out_stem: str | Path, title: str, message: str, stamp: str) -> None:
+    """A figure that only says why the real one cannot be drawn here (e.g. no checkpoint on this machine), so
+    the workflow's outputs exist and say what to do."""
+    fig = plt.figure(figsize=(8, 3))
+    fig.suptitle(title)
+    fig.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
+    _stamp(fig, stamp)
+    save_figure(fig, out_stem)
+
+
+def one_per_class_batch(dataset, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` examples of `dataset` taking the first of class 0, 1, ... in turn (then the second of each):
+    neighbouring and flip-partnered rows differ in class. Returns (images (count, ...), labels (count,))."""
+    picked = [dataset[i] for i in _one_per_class(np.asarray(dataset.targets), count)]
+    return torch.stack([image for image, _ in picked]), torch.tensor([int(label) for _, label in picked])
+
+
+def load_trained_model(checkpoint: str | Path, cfg, num_classes: int) -> torch.nn.Module:
+    """The model of a run's config with the weights of its checkpoint (`checkpoint/last.pt`), in eval mode."""
+    from common.models import build_model
+
+    model = build_model(cfg.model.name, num_classes=num_classes, **cfg.model.kwargs)
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
+    return model.eval()

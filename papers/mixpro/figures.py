@@ -25,21 +25,8 @@ from matplotlib.ticker import MaxNLocator
 from common.attention import capture_cls_attention
 from common.config import load_config
 from common.errors import ReproError
-from common.plots import save_figure
+from common.plots import load_trained_model, one_per_class_batch, save_figure
 from papers.mixpro.method import area_target, mask_geometry, maskmix_images, pal_weights, token_mask
-
-
-def _test_batch(eval_ds, n_images: int):
-    """2 * n_images test images of different classes (wrapping over classes), so partners differ in class."""
-    picked, seen = [], set()
-    for i in range(len(eval_ds)):
-        image, label = eval_ds[i]
-        if label not in seen:
-            seen.add(label)
-            picked.append((image, label))
-        if len(picked) == 2 * n_images:
-            break
-    return torch.stack([p[0] for p in picked]), torch.tensor([p[1] for p in picked])
 
 
 def _factor_curves(run_dirs: list[Path]) -> list[tuple[list[int], list[float]]]:
@@ -59,7 +46,6 @@ def _factor_curves(run_dirs: list[Path]) -> list[tuple[list[int], list[float]]]:
 def pal_figure(run_dirs: list[Path], stem: Path, stamp: str, n_images: int = 4) -> dict:
     from common.data import build_datasets
     from common.methods import build_method
-    from common.models import build_model
 
     if not run_dirs:
         raise ReproError("pal figure: no MixPro run folders given.")
@@ -72,7 +58,7 @@ def pal_figure(run_dirs: list[Path], stem: Path, stamp: str, n_images: int = 4) 
     p = method.params
     _, eval_ds, info = build_datasets(cfg.data.name, root=cfg.data.root, recipe=cfg.data.recipe,
                                       allow_download=False, image_size=cfg.data.image_size)
-    images, labels = _test_batch(eval_ds, n_images)
+    images, labels = one_per_class_batch(eval_ds, 2 * n_images)
     B, H = images.shape[0], images.shape[-1]
     grid, f, tokens_side = mask_geometry(H, p.mask_size, p.patch_size, p.allow_ragged_mask)
     # fixed draws for the figure: partner b <-> B-1-b, 9 of 16 cells kept (lam_area 0.5625 on the 4 x 4 grid)
@@ -88,9 +74,7 @@ def pal_figure(run_dirs: list[Path], stem: Path, stamp: str, n_images: int = 4) 
     ckpt = run / "checkpoint" / "last.pt"
     attn = lam = lam_attn = factor = None
     if ckpt.exists():
-        model = build_model(cfg.model.name, num_classes=info.num_classes, **cfg.model.kwargs)
-        model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["model"])
-        model.eval()
+        model = load_trained_model(ckpt, cfg, info.num_classes)
         with torch.no_grad(), capture_cls_attention(model, "mixpro figure") as grab:
             logits = model(x_mix)
         attn = grab.attention

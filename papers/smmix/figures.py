@@ -23,44 +23,25 @@ import torch
 from common.config import load_config
 from common.errors import exit_status
 from common.mixing import flip_partner
-from common.plots import save_figure
+from common.plots import load_trained_model, message_figure, one_per_class_batch, save_figure
 from papers.smmix.method import mix_windows, motivating_pass, select_windows, window_sizes
 from papers.smmix.model import grid_side
 
 
-def _message_figure(stem: Path, title: str, message: str, stamp: str) -> None:
-    fig = plt.figure(figsize=(8, 3))
-    fig.suptitle(title)
-    fig.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
-    fig.text(0.01, 0.01, stamp, fontsize=7, style="italic")
-    save_figure(fig, stem)
-
-
 def windows_figure(run_dir: Path, stem: Path, stamp: str, n_images: int = 4) -> dict | None:
     from common.data import build_datasets
-    from common.models import build_model
 
     title = "SMMix: least-attended window (red) overwritten by the partner's most-attended window (green)"
     ckpt = run_dir / "checkpoint" / "last.pt"
     if not ckpt.exists():
-        _message_figure(stem, title, f"No checkpoint at {ckpt} on this machine (checkpoints are not committed); "
+        message_figure(stem, title, f"No checkpoint at {ckpt} on this machine (checkpoints are not committed); "
                         "run the training job here to draw this figure.", stamp)
         return None
     cfg = load_config(run_dir / "config.yaml")
     _, eval_ds, info = build_datasets(cfg.data.name, root=cfg.data.root, recipe=cfg.data.recipe,
                                       allow_download=False, image_size=cfg.data.image_size)
-    model = build_model(cfg.model.name, num_classes=info.num_classes, **cfg.model.kwargs)
-    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["model"])
-    picked, seen = [], set()
-    for i in range(len(eval_ds)):
-        image, label = eval_ds[i]
-        if label not in seen:
-            seen.add(label)
-            picked.append((image, label))
-        if len(picked) == 2 * n_images:
-            break
-    images = torch.stack([p[0] for p in picked])
-    labels = torch.tensor([p[1] for p in picked])
+    model = load_trained_model(ckpt, cfg, info.num_classes)
+    images, labels = one_per_class_batch(eval_ds, 2 * n_images)
     side = grid_side(model)
     options = {k: v for k, v in cfg.method.items() if k in ("min_side_ratio", "max_side_ratio")}
     sizes = window_sizes(side, **options)

@@ -24,47 +24,27 @@ from common.attention import capture_cls_attention
 from common.config import load_config
 from common.errors import exit_status
 from common.mixing import cutmix_box, flip_partner, paste_box
-from common.plots import save_figure
+from common.plots import load_trained_model, message_figure, one_per_class_batch, save_figure
 from papers.transmix.method import transmix_weights
-
-
-def _message_figure(stem: Path, title: str, message: str, stamp: str) -> None:
-    fig = plt.figure(figsize=(8, 3))
-    fig.suptitle(title)
-    fig.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
-    fig.text(0.01, 0.01, stamp, fontsize=7, style="italic")
-    save_figure(fig, stem)
 
 
 def attention_figure(run_dir: Path, stem: Path, stamp: str, n_images: int = 4, lam: float = 0.55) -> dict | None:
     """For a few CutMix-mixed test images: the image with its box, the class-token attention over it, and
     the area weight vs the TransMix weight of the pasted partner. Uses the run's final checkpoint."""
     from common.data import build_datasets
-    from common.models import build_model
 
     title = "TransMix: class-token attention vs pasted box (last block, head mean)"
     ckpt = run_dir / "checkpoint" / "last.pt"
     if not ckpt.exists():
-        _message_figure(stem, title, f"No checkpoint at {ckpt} on this machine (checkpoints are not committed); "
+        message_figure(stem, title, f"No checkpoint at {ckpt} on this machine (checkpoints are not committed); "
                         "run the training job here to draw this figure.", stamp)
         return None
     cfg = load_config(run_dir / "config.yaml")
     _, eval_ds, info = build_datasets(cfg.data.name, root=cfg.data.root, recipe=cfg.data.recipe,
                                       allow_download=False, image_size=cfg.data.image_size)
-    model = build_model(cfg.model.name, num_classes=info.num_classes, **cfg.model.kwargs)
-    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["model"])
-    model.eval()
+    model = load_trained_model(ckpt, cfg, info.num_classes)
     # 2 * n_images test images of different classes: rows b and B-1-b are partners
-    picked, seen = [], set()
-    for i in range(len(eval_ds)):
-        image, label = eval_ds[i]
-        if label not in seen:
-            seen.add(label)
-            picked.append((image, label))
-        if len(picked) == 2 * n_images:
-            break
-    images = torch.stack([p[0] for p in picked])
-    labels = torch.tensor([p[1] for p in picked])
+    images, labels = one_per_class_batch(eval_ds, 2 * n_images)
     H, W = images.shape[-2:]
     box, _ = cutmix_box(lam, H // 2, W // 3, (H, W))
     x_mix = paste_box(images, flip_partner(len(images)), box)
@@ -116,7 +96,7 @@ def weights_figure(run_dirs: list[Path], stem: Path, stamp: str) -> dict | None:
         edges = stats[-1]["delta_edges"]
         n += 1
     if total is None:
-        _message_figure(stem, title, "no finished TransMix runs with weight statistics yet", stamp)
+        message_figure(stem, title, "no finished TransMix runs with weight statistics yet", stamp)
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     centres = [(a + b) / 2 for a, b in itertools.pairwise(edges)]
