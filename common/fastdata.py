@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +72,13 @@ def decode_uint8(dataset, use_cache: bool = True) -> tuple[torch.Tensor, torch.T
     base, indices = _base_and_indices(dataset)
     path = cache_dir() / f"decoded-{_key(base, indices)}.pt"
     if use_cache and path.exists():
-        cached = torch.load(path, weights_only=True)
-        return cached["images"], cached["labels"]
+        try:
+            cached = torch.load(path, weights_only=True)
+            return cached["images"], cached["labels"]
+        except (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError) as err:
+            # a damaged cache is only a miss: decode again and replace it
+            warnings.warn(f"device cache {path} is unreadable ({type(err).__name__}: {err}); decoding again.",
+                          stacklevel=2)
     first = np.asarray(base[int(indices[0])][0])
     images = np.empty((len(indices), *first.shape), dtype=np.uint8)
     for row, index in enumerate(indices):  # once per dataset, then never again
@@ -84,9 +92,14 @@ def decode_uint8(dataset, use_cache: bool = True) -> tuple[torch.Tensor, torch.T
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"images": tensor, "labels": labels}, tmp)
-        os.replace(tmp, path)
+        # packed runs may decode the same data at once: each writes its own temporary file, and the atomic
+        # rename leaves one complete cache whoever finishes last
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            torch.save({"images": tensor, "labels": labels}, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return tensor, labels
 
 

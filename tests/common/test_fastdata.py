@@ -81,3 +81,39 @@ def test_training_with_the_device_cache(tmp_path):
     assert main(["--config", str(SMOKE), "--method", "mixup", "--output", str(out), "train.epochs=1",
                  "data.device_cache=true", "train.max_steps_per_epoch=3", *TINY]) == 0
     assert json.loads((out / "metrics.json").read_text())["final"]["top1"] >= 0
+
+
+def test_a_damaged_cache_is_decoded_again_and_replaced(tmp_path):
+    train, _, _, _ = build_splits("cifar10-mini")
+    images, _ = decode_uint8(train)
+    (cached,) = (tmp_path / "cache").glob("decoded-*.pt")
+    cached.write_bytes(cached.read_bytes()[:1000])  # a truncated file, as a killed writer could leave
+    with pytest.warns(UserWarning, match="unreadable"):
+        again, _ = decode_uint8(train)
+    assert torch.equal(again, images)
+    assert torch.equal(decode_uint8(train)[0], images)  # the replaced cache reads back without a warning
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def test_concurrent_decoders_leave_one_complete_cache(tmp_path):
+    """Packed runs decode the same data at once: every writer uses its own temporary file."""
+    import threading
+
+    train, _, _, _ = build_splits("cifar10-mini")
+    results, errors = [], []
+
+    def decode():
+        try:
+            results.append(decode_uint8(train)[0])
+        except Exception as err:  # noqa: BLE001 -- any failure in a thread must fail the test
+            errors.append(err)
+
+    threads = [threading.Thread(target=decode) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 3 and all(torch.equal(r, results[0]) for r in results)
+    assert len(list((tmp_path / "cache").glob("decoded-*.pt"))) == 1
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+    assert torch.equal(decode_uint8(train)[0], results[0])
