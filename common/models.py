@@ -88,10 +88,12 @@ def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 # Entry-point plumbing
 
 
-def _register(fn):
-    """`register_model`, but a clash with another module's model is an error (timm only warns)."""
+def register_model_once(fn):
+    """timm's `register_model`, but a clash with a model of another module is an error (timm only warns).
+    For this file and the papers' own model files (LSTNet, SMMix's ViTs)."""
     name = fn.__name__
-    if timm.is_model(name) and name not in timm.list_models(module=_TIMM_MODULE):
+    # timm files an entry point under the last part of its module's name ('models' for this file)
+    if timm.is_model(name) and name not in timm.list_models(module=fn.__module__.rsplit(".", 1)[-1]):
         raise RuntimeError(f"model name {name!r} is already registered in timm; rename ours.")
     return register_model(fn)
 
@@ -130,6 +132,15 @@ _CNN_ARGS = ("num_classes", "in_chans", "drop_rate", "drop_path_rate")
 
 def _conv3x3(in_chs: int, out_chs: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_chs, out_chs, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def _he_init(model: nn.Module) -> None:
+    """He (fan-out) init of every conv and zero linear biases, as the official WRN and Shake-Shake code."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.Linear):
+            nn.init.zeros_(module.bias)
 
 
 def _drop_path_rates(drop_path_rate: float, depths: tuple[int, ...]) -> list[float]:
@@ -264,18 +275,14 @@ class PreActResNet(_PooledLinearHead):
         self.final_act = nn.Sequential(nn.BatchNorm2d(in_chs), nn.ReLU(inplace=True))
         self._init_head(in_chs, num_classes, head_drop_rate)
         if kaiming_init:
-            for module in self.modules():
-                if isinstance(module, nn.Conv2d):
-                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                elif isinstance(module, nn.Linear):
-                    nn.init.zeros_(module.bias)
+            _he_init(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, in_chans, H, W). Returns: (B, num_features, H/8, W/8) after BN + ReLU."""
         return self.final_act(self.stages(self.stem(x)))
 
 
-@_register
+@register_model_once
 def preact_resnet18_cifar(
     pretrained: bool = False,
     num_classes: int = 10,
@@ -303,7 +310,7 @@ def preact_resnet18_cifar(
     )
 
 
-@_register
+@register_model_once
 def wrn28_10_cifar(
     pretrained: bool = False,
     num_classes: int = 10,
@@ -432,7 +439,7 @@ def _resnet_cifar(name: str, block, depths, pretrained, kwargs, num_classes, in_
                        head_drop_rate=drop_rate, drop_path_rate=drop_path_rate, pool_size=pool_size)
 
 
-@_register
+@register_model_once
 def resnet18_cifar(
     pretrained: bool = False,
     num_classes: int = 10,
@@ -489,7 +496,7 @@ class Bottleneck(nn.Module):
         return torch.relu(self.shortcut(x) + self.drop_path(out))
 
 
-@_register
+@register_model_once
 def resnet50_cifar(
     pretrained: bool = False,
     num_classes: int = 10,
@@ -504,7 +511,7 @@ def resnet50_cifar(
                          drop_rate, drop_path_rate)
 
 
-@_register
+@register_model_once
 def resnet50_tiny(
     pretrained: bool = False,
     num_classes: int = 200,
@@ -533,13 +540,13 @@ def _vit_32(
     return VisionTransformer(**args)
 
 
-@_register
+@register_model_once
 def vit_tiny_patch4_32(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """ViT-Tiny (embed 192, depth 12, 3 heads) on 4x4 patches of a 32x32 image."""
     return _vit_32("vit_tiny_patch4_32", pretrained, {"embed_dim": 192, "depth": 12, "num_heads": 3}, kwargs)
 
 
-@_register
+@register_model_once
 def vit_small_patch4_32(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """ViT-Small (embed 384, depth 12, 6 heads) on 4x4 patches of a 32x32 image."""
     return _vit_32("vit_small_patch4_32", pretrained, {"embed_dim": 384, "depth": 12, "num_heads": 6}, kwargs)
@@ -600,7 +607,7 @@ class RegressionMLP(nn.Module):
 _MLP_ARGS = ("num_classes", "in_features", "hidden_dim", "drop_rate")
 
 
-@_register
+@register_model_once
 def mlp_regression(
     pretrained: bool = False,
     num_classes: int = 1,
@@ -695,18 +702,14 @@ class ShakeShakeCifar(_PooledLinearHead):
                 in_chs = out_chs
         self.stages = nn.Sequential(*blocks)
         self._init_head(in_chs, num_classes, head_drop_rate)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
+        _he_init(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, in_chans, H, W). Returns: (B, 4 * width, H/4, W/4) after the final ReLU."""
         return torch.relu(self.stages(self.stem(x)))
 
 
-@_register
+@register_model_once
 def shake_shake26_2x96d_cifar(
     pretrained: bool = False,
     num_classes: int = 10,

@@ -30,13 +30,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
-from timm.models import register_model
 from torch import nn
 
-from common.models import ModelArgumentError, _entry_kwargs
+from common.models import ModelArgumentError, _entry_kwargs, register_model_once
 
 __all__ = ["LSTNet", "lstnet"]
 
@@ -197,17 +195,7 @@ _LSTNET_ARGS = (
 )
 
 
-def _register(fn):
-    """timm's `register_model`, refusing to shadow a model defined elsewhere (timm only warns)."""
-    # timm files an entry point under the last part of its module's name ('models', as common.models)
-    if timm.is_model(fn.__name__) and fn.__name__ not in timm.list_models(
-        module=fn.__module__.rsplit(".", 1)[-1]
-    ):
-        raise RuntimeError(f"model name {fn.__name__!r} is already registered in timm; rename ours.")
-    return register_model(fn)
-
-
-@_register
+@register_model_once
 def lstnet(
     pretrained: bool = False,
     num_classes: int = 8,

@@ -32,14 +32,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
 import torch
 from timm.layers import trunc_normal_
-from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from common.errors import ReproError
+from common.models import register_model_once
 
 __all__ = ["MODEL_NAMES", "SMMixVisionTransformer", "grid_side"]
 
@@ -153,49 +152,41 @@ def _build(name: str, pretrained: bool, args: dict[str, Any], kwargs: dict[str, 
     return SMMixVisionTransformer(**{**args, **extra})
 
 
-def _register(fn):
-    """timm's `register_model`, refusing to shadow a model defined elsewhere."""
-    # timm files an entry point under the last part of its module's name ('model')
-    if timm.is_model(fn.__name__) and fn.__name__ not in timm.list_models(module=__name__.rsplit(".", 1)[-1]):
-        raise RuntimeError(f"model name {fn.__name__!r} is already registered in timm.")
-    return register_model(fn)
-
-
 # as common.models' vit_*_patch4_32: 32 px, 4 px patches -> 8 x 8 tokens + a class token
 _CIFAR = {"img_size": 32, "patch_size": 4, "num_classes": 10, "class_token": True, "global_pool": "token"}
 # as timm's deit_*_patch16_224 (timm/models/deit.py uses VisionTransformer with these arguments)
 _DEIT = {"img_size": 224, "patch_size": 16, "class_token": True, "global_pool": "token"}
 
 
-@_register
+@register_model_once
 def smmix_vit_tiny_patch4_32(pretrained: bool = False, **kwargs: Any) -> SMMixVisionTransformer:
     """`vit_tiny_patch4_32` (embed 192, depth 12, 3 heads, 32 px / 4 px patches) with SMMix's token head."""
     return _build("smmix_vit_tiny_patch4_32", pretrained,
                   {**_CIFAR, "embed_dim": 192, "depth": 12, "num_heads": 3}, kwargs)
 
 
-@_register
+@register_model_once
 def smmix_vit_small_patch4_32(pretrained: bool = False, **kwargs: Any) -> SMMixVisionTransformer:
     """`vit_small_patch4_32` (embed 384, depth 12, 6 heads) with SMMix's token head."""
     return _build("smmix_vit_small_patch4_32", pretrained,
                   {**_CIFAR, "embed_dim": 384, "depth": 12, "num_heads": 6}, kwargs)
 
 
-@_register
+@register_model_once
 def smmix_deit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> SMMixVisionTransformer:
     """DeiT-T/16 (embed 192, depth 12, 3 heads) with SMMix's token head (official `vit_deit_tiny_patch16_224`)."""
     return _build("smmix_deit_tiny_patch16_224", pretrained,
                   {**_DEIT, "embed_dim": 192, "depth": 12, "num_heads": 3}, kwargs)
 
 
-@_register
+@register_model_once
 def smmix_deit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> SMMixVisionTransformer:
     """DeiT-S/16 (embed 384, depth 12, 6 heads) with SMMix's token head."""
     return _build("smmix_deit_small_patch16_224", pretrained,
                   {**_DEIT, "embed_dim": 384, "depth": 12, "num_heads": 6}, kwargs)
 
 
-@_register
+@register_model_once
 def smmix_deit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> SMMixVisionTransformer:
     """DeiT-B/16 (embed 768, depth 12, 12 heads) with SMMix's token head."""
     return _build("smmix_deit_base_patch16_224", pretrained,
