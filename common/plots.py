@@ -404,6 +404,24 @@ def one_per_class_batch(dataset, count: int) -> tuple[torch.Tensor, torch.Tensor
     return torch.stack([image for image, _ in picked]), torch.tensor([int(label) for _, label in picked])
 
 
+def trained_run(run_dir: str | Path, out_stem: str | Path, title: str, stamp: str):
+    """`(config, model in eval mode, eval split, DataInfo)` of a finished run, from its `checkpoint/last.pt`;
+    None, after drawing a message figure at `out_stem` instead, when the checkpoint is not on this machine."""
+    from common.config import load_config
+    from common.data import build_datasets
+
+    run_dir = Path(run_dir)
+    checkpoint = run_dir / "checkpoint" / "last.pt"
+    if not checkpoint.exists():
+        message_figure(out_stem, title, f"No checkpoint at {checkpoint} on this machine (checkpoints are not "
+                       "committed); run the training job here to draw this figure.", stamp)
+        return None
+    cfg = load_config(run_dir / "config.yaml")
+    _, eval_ds, info = build_datasets(cfg.data.name, root=cfg.data.root, recipe=cfg.data.recipe,
+                                      allow_download=False, image_size=cfg.data.image_size)
+    return cfg, load_trained_model(checkpoint, cfg, info.num_classes), eval_ds, info
+
+
 def load_trained_model(checkpoint: str | Path, cfg, num_classes: int) -> torch.nn.Module:
     """The model of a run's config with the weights of its checkpoint (`checkpoint/last.pt`), in eval mode."""
     from common.models import build_model

@@ -20,27 +20,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from common.config import load_config
 from common.errors import exit_status
 from common.mixing import flip_partner
-from common.plots import load_trained_model, message_figure, one_per_class_batch, save_figure
+from common.plots import one_per_class_batch, save_figure, trained_run
 from papers.smmix.method import mix_windows, motivating_pass, select_windows, window_sizes
 from papers.smmix.model import grid_side
 
 
 def windows_figure(run_dir: Path, stem: Path, stamp: str, n_images: int = 4) -> dict | None:
-    from common.data import build_datasets
-
     title = "SMMix: least-attended window (red) overwritten by the partner's most-attended window (green)"
-    ckpt = run_dir / "checkpoint" / "last.pt"
-    if not ckpt.exists():
-        message_figure(stem, title, f"No checkpoint at {ckpt} on this machine (checkpoints are not committed); "
-                        "run the training job here to draw this figure.", stamp)
+    run = trained_run(run_dir, stem, title, stamp)
+    if run is None:
         return None
-    cfg = load_config(run_dir / "config.yaml")
-    _, eval_ds, info = build_datasets(cfg.data.name, root=cfg.data.root, recipe=cfg.data.recipe,
-                                      allow_download=False, image_size=cfg.data.image_size)
-    model = load_trained_model(ckpt, cfg, info.num_classes)
+    cfg, model, eval_ds, info = run
     images, labels = one_per_class_batch(eval_ds, 2 * n_images)
     side = grid_side(model)
     options = {k: v for k, v in cfg.method.items() if k in ("min_side_ratio", "max_side_ratio")}

@@ -21,28 +21,20 @@ import torch
 import torch.nn.functional as F
 
 from common.attention import capture_cls_attention
-from common.config import load_config
 from common.errors import exit_status
 from common.mixing import cutmix_box, flip_partner, paste_box
-from common.plots import load_trained_model, message_figure, one_per_class_batch, save_figure
+from common.plots import message_figure, one_per_class_batch, save_figure, trained_run
 from papers.transmix.method import transmix_weights
 
 
 def attention_figure(run_dir: Path, stem: Path, stamp: str, n_images: int = 4, lam: float = 0.55) -> dict | None:
     """For a few CutMix-mixed test images: the image with its box, the class-token attention over it, and
     the area weight vs the TransMix weight of the pasted partner. Uses the run's final checkpoint."""
-    from common.data import build_datasets
-
     title = "TransMix: class-token attention vs pasted box (last block, head mean)"
-    ckpt = run_dir / "checkpoint" / "last.pt"
-    if not ckpt.exists():
-        message_figure(stem, title, f"No checkpoint at {ckpt} on this machine (checkpoints are not committed); "
-                        "run the training job here to draw this figure.", stamp)
+    run = trained_run(run_dir, stem, title, stamp)
+    if run is None:
         return None
-    cfg = load_config(run_dir / "config.yaml")
-    _, eval_ds, info = build_datasets(cfg.data.name, root=cfg.data.root, recipe=cfg.data.recipe,
-                                      allow_download=False, image_size=cfg.data.image_size)
-    model = load_trained_model(ckpt, cfg, info.num_classes)
+    _, model, eval_ds, info = run
     # 2 * n_images test images of different classes: rows b and B-1-b are partners
     images, labels = one_per_class_batch(eval_ds, 2 * n_images)
     H, W = images.shape[-2:]
