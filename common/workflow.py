@@ -7,6 +7,8 @@ The grid comes from the papers' experiment configs (``papers/<paper>/configs/<sc
 
 from __future__ import annotations
 
+import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,17 +92,26 @@ def resources(paper: str, scale: str, experiment: str, root: Path = REPO_ROOT) -
     return {"gpus": res.gpus, "cpus": res.cpus, "mem_mb": res.mem_mb, "runtime": res.runtime_min}
 
 
-def launch_command(paper: str, scale: str, experiment: str, pack: int = 1, root: Path = REPO_ROOT) -> str:
-    """`accelerate launch` with as many processes as the run asks GPUs for (one CPU process if none).
+# `accelerate launch` as a module of the running interpreter: no `accelerate` script or `python` needed on PATH
+LAUNCHER = "accelerate.commands.launch"
 
-    GPU runs go through `common.gpu_slots`, which picks free GPUs (``pack`` jobs may share one) and sets
-    CUDA_VISIBLE_DEVICES; on a SLURM node it simply sees the GPUs the job was given."""
+
+def launch_command(paper: str, scale: str, experiment: str, pack: int = 1, root: Path = REPO_ROOT) -> list[str]:
+    """`accelerate launch` with as many processes as the run asks GPUs for (one CPU process if none), as argv.
+
+    Every program is the running interpreter (``sys.executable -m ...``): the one the workflow's shell line
+    started, so a venv need not be activated. GPU runs go through `common.gpu_slots`, which picks free GPUs
+    (``pack`` jobs may share one) and sets CUDA_VISIBLE_DEVICES; in a SLURM job it hands out only the GPUs the
+    job was given."""
     gpus = resources(paper, scale, experiment, root)["gpus"]
+    accelerate = [sys.executable, "-m", LAUNCHER]
     if gpus <= 0:
-        return "accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no --cpu -m common.train"
-    multi = " --multi_gpu" if gpus > 1 else ""
-    return (f"python -m common.gpu_slots --need {gpus} --pack {pack} -- accelerate launch --num_processes {gpus} "
-            f"--num_machines 1 --dynamo_backend no{multi} -m common.train")
+        return [*accelerate, "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no", "--cpu",
+                "-m", "common.train"]
+    multi = ["--multi_gpu"] if gpus > 1 else []
+    return [sys.executable, "-m", "common.gpu_slots", "--need", str(gpus), "--pack", str(pack), "--",
+            *accelerate, "--num_processes", str(gpus), "--num_machines", "1", "--dynamo_backend", "no", *multi,
+            "-m", "common.train"]
 
 
 def gpu_share(paper: str, scale: str, experiment: str, pack: int = 1, root: Path = REPO_ROOT) -> int:
@@ -110,7 +121,7 @@ def gpu_share(paper: str, scale: str, experiment: str, pack: int = 1, root: Path
 
 def train_command(run: Run, pack: int = 1, root: Path = REPO_ROOT) -> list[str]:
     """The full command that trains one run of the grid (what the workflow's train rule executes)."""
-    return [*launch_command(run.paper, run.scale, run.experiment, pack, root).split(),
+    return [*launch_command(run.paper, run.scale, run.experiment, pack, root),
             "--config", str(config_path(run.paper, run.scale, run.experiment, root)), "--method", run.method,
             "--output", run.folder, "--on-config-change", "restart", f"seed={run.seed}"]
 
@@ -119,9 +130,12 @@ def main(argv=None) -> int:
     """``python -m common.workflow train --paper P --scale S --experiment E --method M --seed K [--pack N]``.
 
     The train rule calls this instead of spelling the command out, so the rule's params hold only the run's
-    config hash: paths, packing and launcher details never make Snakemake retrain a finished run."""
+    config hash: paths, packing and launcher details never make Snakemake retrain a finished run.
+
+    Exit status: the launcher's 0 on success; 2 with one ``error:`` line naming the command and the fix when the
+    launcher is missing or fails (the trainer's or the launcher's own messages come above it); 128 + N when a
+    signal N stopped it (the run resumes from its checkpoint)."""
     import argparse
-    import os
 
     parser = argparse.ArgumentParser(prog="python -m common.workflow")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,10 +145,59 @@ def main(argv=None) -> int:
     train.add_argument("--seed", type=int, required=True)
     train.add_argument("--pack", type=int, default=1)
     args = parser.parse_args(argv)
-    command = train_command(Run(args.paper, args.scale, args.experiment, args.method, args.seed), args.pack)
-    print("[workflow] " + " ".join(command), flush=True)
-    os.execvp(command[0], command)
-    return 0  # not reached
+    try:
+        check_scale(args.scale)
+        if not config_path(args.paper, args.scale, args.experiment).exists():
+            known = experiments(args.paper, args.scale)
+            raise ReproError(f"no experiment {args.experiment!r} for paper {args.paper!r} at scale {args.scale} "
+                             f"(no {config_path(args.paper, args.scale, args.experiment)}); choose one of: "
+                             f"{', '.join(known) or 'none'}.")
+        command = train_command(Run(args.paper, args.scale, args.experiment, args.method, args.seed), args.pack)
+        print("[workflow] " + shlex.join(command), flush=True)
+        return _run_launcher(command)
+    except ReproError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run_launcher(command: list[str]) -> int:
+    """Run the training command as a child: its status becomes an exit code (see `main`) or a ReproError."""
+    import importlib.util
+    import signal
+    import subprocess
+    import threading
+
+    shown = shlex.join(command)
+    fix = (f"install the project into this interpreter ({sys.executable} -m pip install -e .) or start the "
+           "workflow from the environment that has it (activate it, or run its bin/snakemake)")
+    if importlib.util.find_spec(LAUNCHER.split(".")[0]) is None:
+        raise ReproError(f"cannot launch training: {sys.executable} has no {LAUNCHER.split('.')[0]} package "
+                         f"(command: {shown}); {fix}.")
+    try:
+        proc = subprocess.Popen(command)
+    except OSError as exc:
+        raise ReproError(f"cannot launch training: {command[0]}: {exc.strerror} (command: {shown}); {fix}.") from exc
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        # as with exec, the trainer decides how to stop: Ctrl-C reaches it through the terminal's process group,
+        # and a TERM sent to this process only (a scheduler's time limit) is passed on
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda signum, _frame: proc.send_signal(signum))
+    try:
+        code = proc.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if code < 0:
+        print(f"error: training stopped by signal {signal.Signals(-code).name} (command: {shown}); run the "
+              "workflow again to resume it from its last checkpoint.", file=sys.stderr)
+        return 128 - code
+    if code != 0:
+        raise ReproError(f"the training command exited with status {code} (command: {shown}); the lines above say "
+                         "why: the trainer's own `error:` line, or the launcher's traceback if it failed before "
+                         "training started. Fix that and run the workflow again (the run resumes from its "
+                         "checkpoint); to debug, run the command by hand.")
+    return 0
 
 
 def run_config_hash(paper: str, scale: str, experiment: str, method: str, seed: int, root: Path = REPO_ROOT) -> str:
@@ -146,6 +209,4 @@ def run_config_hash(paper: str, scale: str, experiment: str, method: str, seed: 
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())
