@@ -38,10 +38,25 @@ rule report:
         existing_run_metrics(),
         [paper_results_file(paper) for paper in PAPERS],
     output:
-        "reports/index.md",
+        index="reports/index.md",
+        # every claim of every paper with its 95% interval and verdict (common/claims.py), and its forest plot
+        claims_md="reports/claims.md",
+        claims_csv=report(
+            "reports/claims.csv",
+            caption="workflow/report/claims.rst",
+            category="claims",
+            labels={"table": "claims and verdicts"},
+        ),
+        forest=report(
+            "figures/claims_forest.png",
+            caption="workflow/report/claims_forest.rst",
+            category="claims",
+            labels={"figure": "claims forest plot"},
+        ),
+        forest_pdf="figures/claims_forest.pdf",
     conda:
         "envs/repro.yaml"
     log:
         "logs/report/index.log",
     shell:
-        "python -m common.report index > {log} 2>&1"
+        "python -m common.report index > {log:q} 2>&1"

@@ -284,6 +284,114 @@ def plot_seed_bars(
     return means
 
 
+# Colours of the verdicts in forest plots (common/claims.py defines the verdicts).
+VERDICT_COLORS = {
+    "reproduced": "tab:green",
+    "not reproduced": "tab:red",
+    "inconclusive": "tab:orange",
+    "too few runs": "0.45",
+    "no paper gain": "tab:blue",
+    "no verdict": "0.45",
+}
+
+
+def plot_forest(
+    panels: dict[str, list[dict]],
+    out_stem: str | Path,
+    title: str,
+    stamp: str,
+    xlabel: str,
+    reference: float | None = None,
+) -> dict[str, list[tuple]]:
+    """A forest plot: one row per claim, our gain as a dot with its 95% interval, the paper's gain as a diamond.
+
+    Args:
+        panels: panel title -> entries, each a dict with `label`, `gain`, `low`/`high` (None: no interval),
+            `paper_gain` (None: no paper number) and `verdict` (colours the dot). Empty panels are left out.
+        out_stem: output path without suffix.
+        title, stamp: figure title and scale note.
+        xlabel: x-axis label, with the unit.
+        reference: x of a dashed line drawn in every panel (e.g. 1 = the paper's gain on a relative axis);
+            a solid line always marks 0, "no effect".
+
+    Returns:
+        ``{panel: [(label, gain, low, high, paper_gain), ...]}``, top row first, as drawn.
+    """
+    kept = {name: entries for name, entries in panels.items() if entries}
+    heights = [max(1, len(entries)) for entries in kept.values()] or [1]
+    fig, axes = plt.subplots(
+        len(heights),
+        1,
+        figsize=(11, 1.3 + 0.32 * sum(heights) + 0.55 * len(heights)),
+        gridspec_kw={"height_ratios": heights},
+        squeeze=False,
+    )
+    drawn: dict[str, list[tuple]] = {}
+    if not kept:
+        axes[0, 0].text(
+            0.5,
+            0.5,
+            "no claim has runs here yet",
+            ha="center",
+            va="center",
+            fontsize=14,
+            color="0.4",
+            transform=axes[0, 0].transAxes,
+        )
+        axes[0, 0].set(xlabel=xlabel, yticks=[])
+    for ax, (name, entries) in zip(axes[:, 0], kept.items()):
+        rows = []
+        for y, entry in enumerate(reversed(entries)):  # first entry on top
+            color = VERDICT_COLORS.get(entry["verdict"], "0.45")
+            low, high = entry.get("low"), entry.get("high")
+            if low is not None:
+                ax.errorbar(
+                    entry["gain"],
+                    y,
+                    xerr=[[entry["gain"] - low], [high - entry["gain"]]],
+                    fmt="o",
+                    color=color,
+                    capsize=3,
+                    markersize=5,
+                )
+            else:
+                ax.plot(entry["gain"], y, "o", mfc="none", color=color, markersize=6)
+            if entry.get("paper_gain") is not None:
+                ax.plot(entry["paper_gain"], y, "D", mfc="none", mec="black", markersize=6)
+            rows.append((entry["label"], entry["gain"], low, high, entry.get("paper_gain")))
+        drawn[name] = rows[::-1]
+        ax.set_yticks(range(len(entries)), [entry["label"] for entry in reversed(entries)], fontsize=7)
+        ax.set_ylim(-0.7, len(entries) - 0.3)
+        ax.axvline(0.0, color="0.2", linewidth=0.8)
+        if reference is not None:
+            ax.axvline(reference, color="0.2", linewidth=0.8, linestyle="--")
+        ax.set_title(name, fontsize=9, loc="left")
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    handles = [
+        plt.Line2D([], [], marker="o", color=color, linestyle="none", label=verdict)
+        for verdict, color in VERDICT_COLORS.items()
+        if any(e["verdict"] == verdict for entries in kept.values() for e in entries)
+    ]
+    handles.append(
+        plt.Line2D([], [], marker="D", mfc="none", mec="black", linestyle="none", label="paper's gain")
+    )
+    if kept:
+        axes[0, 0].legend(
+            handles=handles,
+            fontsize=7,
+            loc="lower right",
+            bbox_to_anchor=(1.0, 1.02),
+            ncol=len(handles),
+            frameon=False,
+        )
+    fig.suptitle(title, fontsize=10)
+    _stamp(fig, stamp)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    save_figure(fig, out_stem)
+    return drawn
+
+
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------

@@ -53,6 +53,10 @@ def table_inputs(wildcards):
             *grid_metrics(wildcards.paper, table_experiments(wildcards.paper, wildcards.table))]
 
 
+def forest_inputs(wildcards):
+    return [paper_results_file(wildcards.paper), *grid_metrics(wildcards.paper)]
+
+
 def curves_inputs(wildcards):
     return grid_metrics(wildcards.paper, {wildcards.experiment})
 
@@ -64,6 +68,8 @@ def paper_targets(paper):
                 for experiment in grid.experiments(paper, SCALE)]
     if grid.experiments(paper, SCALE):
         targets.append(f"figures/{paper}/{SCALE}/mixed_examples.png")
+    if SCALE != "smoke":  # smoke numbers mean nothing: no verdicts, no forest plot
+        targets.append(f"figures/{paper}/{SCALE}/claims_forest.png")
     return targets
 
 

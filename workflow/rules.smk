@@ -88,3 +88,23 @@ rule mixed_examples:
         "logs/mixed_examples/{paper}/{scale}.log",
     shell:
         "python -m common.report examples --paper {wildcards.paper} --scale {wildcards.scale} > {log} 2>&1"
+
+rule claims_forest:
+    # one paper's claims at one scale: our gain with its 95% interval beside the paper's (common/claims.py)
+    input:
+        forest_inputs,
+    output:
+        png=report(
+            "figures/{paper}/{scale}/claims_forest.png",
+            caption="report/claims_forest.rst",
+            category="{paper}",
+            subcategory="{scale}",
+            labels={"paper": "{paper}", "figure": "claims forest plot", "scale": "{scale}"},
+        ),
+        pdf="figures/{paper}/{scale}/claims_forest.pdf",
+    conda:
+        "../envs/repro.yaml"
+    log:
+        "logs/claims_forest/{paper}/{scale}.log",
+    shell:
+        "python -m common.report forest --paper {wildcards.paper:q} --scale {wildcards.scale:q} > {log:q} 2>&1"
