@@ -96,6 +96,10 @@ class TrainConfig:
     # multi-GPU: let DDP skip parameters that got no gradient this step (a head only some steps use, as SMMix's
     # token head on Mixup steps); costs an extra graph traversal per step, so off unless a model needs it
     find_unused_parameters: bool = False
+    # processes the run trains with (batch_size is per process, and every random stream is drawn per process, so
+    # another count is another run). null: the number launched, recorded here by the trainer (and by the workflow
+    # from resources.gpus) before the config is hashed and saved; a number: the launch must have exactly that many
+    world_size: int | None = None
     # model selection: 'last' epoch, or the epoch with the best validation metric (needs a validation
     # split); the test metrics of the selected epoch are reported under metrics.json 'selected'
     select: str = "last"
@@ -273,7 +277,31 @@ def load_config(path: str | Path | None, overrides: list[str] = (), method_label
         raise ReproError(f"train.select_ties must be 'later' or 'earlier', got {cfg.train.select_ties!r}.")
     if not isinstance(cfg.method.get("name"), str):
         raise ReproError("config 'method' needs a 'name' (e.g. method.name=mixup).")
+    if cfg.train.world_size is not None and cfg.train.world_size < 1:
+        raise ReproError(f"train.world_size must be a number of processes (>= 1) or null (the number launched), "
+                         f"got {cfg.train.world_size}.")
     return cfg
+
+
+def with_world_size(cfg: RunConfig, num_processes: int, launched: str) -> RunConfig:
+    """A copy of `cfg` with `train.world_size` = `num_processes`, the process count the run trains with.
+
+    The trainer calls it with Accelerate's real count, the workflow with the count its launch command asks for
+    (`resources.gpus`), so both hash the same config. `launched` says where the count comes from, for the error.
+
+    Raises:
+        ReproError: the config already names another world size.
+    """
+    if cfg.train.world_size is not None and cfg.train.world_size != num_processes:
+        raise ReproError(
+            f"train.world_size={cfg.train.world_size} but {launched}: train.batch_size is per process and every "
+            "process draws its own random numbers, so a run belongs to one process count. Launch it with "
+            f"`accelerate launch --num_processes {cfg.train.world_size} ...`, or set train.world_size=null to train "
+            "with the count launched (another run, with its own config hash)."
+        )
+    resolved = copy.deepcopy(cfg)
+    resolved.train.world_size = num_processes
+    return resolved
 
 
 def run_dict(cfg: RunConfig) -> dict:
@@ -293,6 +321,7 @@ _ADDED_LATER = {
     ("data", "repeated_aug"): 0,
     ("schedule", "cooldown_epochs"): 0,
     ("train", "find_unused_parameters"): False,
+    ("train", "world_size"): 1,  # every committed run trained in one process
 }
 
 
@@ -303,6 +332,8 @@ def config_hash(cfg: RunConfig) -> str:
         data.pop(key, None)
     data["data"].pop("num_workers", None)
     data["data"].pop("root", None)
+    if data["train"].get("world_size") is None:  # unresolved: the one process a plain `python -m common.train` gets
+        data["train"]["world_size"] = 1
     for (section, key), neutral in _ADDED_LATER.items():
         if data[section].get(key) == neutral:
             del data[section][key]

@@ -137,8 +137,12 @@ def augment(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, flips:
 class DeviceLoader:
     """Batches of augmented training images made on the device from a resident uint8 copy.
 
-    Per epoch: one permutation of the (process's share of the) training set and one crop/flip draw per
-    image, all from a CPU generator seeded by the caller; the last incomplete batch is dropped.
+    Per epoch: one permutation of the training set and one crop/flip draw per position of it, all from a CPU
+    generator seeded by the caller with the same seed on every process. Global batch i is positions
+    [i * B, (i + 1) * B) of the permutation (B = batch_size * world) and process r takes its r-th block of
+    batch_size, as the trainer's GlobalBatchSampler: the processes together train on exactly the augmented
+    batches one process with batch B would, and each image keeps the crop drawn for its position. The last
+    incomplete global batch is dropped.
     """
 
     def __init__(self, dataset, info, batch_size: int, device, rank: int = 0, world: int = 1):
@@ -152,16 +156,16 @@ class DeviceLoader:
         self.batch_size, self.rank, self.world = batch_size, rank, world
 
     def __len__(self) -> int:
-        return (len(self.labels) // self.world) // self.batch_size
+        return len(self.labels) // (self.world * self.batch_size)
 
     def epoch(self, generator: torch.Generator):
         order = torch.randperm(len(self.labels), generator=generator)
-        share = len(order) // self.world
-        order = order[self.rank * share:(self.rank + 1) * share]
         rows, cols, flips = draw_crops(generator, len(order), padding=PADDING)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = order[start:start + self.batch_size].to(self.images.device)
+        global_batch = self.world * self.batch_size
+        for step in range(len(self)):
+            start = step * global_batch + self.rank * self.batch_size
             part = slice(start, start + self.batch_size)
+            index = order[part].to(self.images.device)
             yield (augment(self.images[index], rows[part], cols[part], flips[part], self.mean, self.std,
                            padding=PADDING),
                    self.labels[index])

@@ -7,6 +7,11 @@ one folder: ``config.yaml`` (resolved), ``log.jsonl`` (one line per epoch), ``ch
 is refused rather than overwriting it. A killed run resumes from its last checkpoint when the same
 command is run again, and ends with the same weights as an uninterrupted one: every random stream
 (data order, augmentation, mixing, drop-path) is re-seeded per epoch from (seed, epoch, rank).
+
+Several processes: the number is part of the run (``train.world_size``, in the hash), and a checkpoint resumes
+only under the count that wrote it. Each step's global batch is the one a single process with the global batch
+would take (`GlobalBatchSampler`); mixing, drop path and augmentation draw per process. Only the main process
+writes the folder, holding a lock on ``<run>/.lock`` for the whole run, so a second writer is refused.
 """
 
 from __future__ import annotations
@@ -23,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from common.config import RunConfig, config_hash, dump_yaml, load_config
+from common.config import RunConfig, config_hash, dump_yaml, load_config, with_world_size
 from common.errors import ReproError
 from common.methods import StepContext, build_method
 from common.provenance import provenance
@@ -105,8 +110,39 @@ def build_scheduler(optimizer, cfg: RunConfig, updates_per_epoch: int):
     raise ReproError(f"schedule.name must be cosine, multistep or constant, got {s.name!r}.")
 
 
+class GlobalBatchSampler(Sampler[int]):
+    """One process's share of the order a single process would train on, one global batch at a time.
+
+    The permutation is the one `DataLoader(dataset, shuffle=True, generator=torch.Generator().manual_seed(seed))`
+    draws (that loader first takes its workers' base seed from the generator, then `torch.randperm`). Global batch
+    i is positions [i * B, (i + 1) * B) of it, B = batch_size * world, and process r trains on its r-th block of
+    batch_size. So at every step the processes together hold exactly the examples that one process with batch
+    B would hold, whatever the process count: only the random draws differ (each process has its own streams).
+    An incomplete last global batch is dropped, as the single-process loader's drop_last.
+
+    torch's DistributedSampler deals the permutation out round-robin instead (process r gets every world-th
+    index), which makes the global batch depend on the process count.
+    """
+
+    def __init__(self, size: int, batch_size: int, world: int, rank: int, seed: int):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, {world}).")
+        self.size, self.batch_size, self.world, self.rank, self.seed = size, batch_size, world, rank, seed
+        self.steps = size // (batch_size * world)
+
+    def __len__(self) -> int:
+        return self.steps * self.batch_size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        torch.empty((), dtype=torch.int64).random_(generator=generator)  # the DataLoader's worker base seed
+        order = torch.randperm(self.size, generator=generator)[: self.steps * self.batch_size * self.world]
+        return iter(order.view(self.steps, self.world, self.batch_size)[:, self.rank].reshape(-1).tolist())
+
+
 def train_sampler(dataset, cfg: RunConfig, epoch: int, accelerator):
-    """The training sampler of one epoch: repeated augmentation, a distributed split, or None (shuffle)."""
+    """The training sampler of one epoch: repeated augmentation, global batches split over the processes, or
+    None (one process: the DataLoader shuffles with the (seed, epoch) generator of `make_train_loader`)."""
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.data.repeated_aug:
         from timm.data.distributed_sampler import RepeatAugSampler
@@ -120,20 +156,16 @@ def train_sampler(dataset, cfg: RunConfig, epoch: int, accelerator):
         sampler.set_epoch(derived_seed(cfg.seed, epoch, 0, 4))
         return sampler
     if world > 1:
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
-                                     drop_last=True)
-        sampler.set_epoch(epoch)
-        return sampler
+        return GlobalBatchSampler(len(dataset), cfg.train.batch_size, world, rank, derived_seed(cfg.seed, epoch, 0, 1))
     return None
 
 
 def make_train_loader(dataset, cfg: RunConfig, epoch: int, accelerator) -> DataLoader:
     """A loader whose order and worker seeds depend only on (seed, epoch): resumable at epoch bounds."""
     sampler = train_sampler(dataset, cfg, epoch, accelerator)
-    # with repeated augmentation the copies of an image go to different processes, often at the same batch
-    # position: worker seeds must differ per process, or the copies get identical augmentations
-    rank = accelerator.process_index if cfg.data.repeated_aug else 0
-    generator = torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, rank, 1))
+    # the generator gives the workers' base seed (and the order, in one process): per process, so every process
+    # augments with its own stream as DeiT and timm seed theirs (seed + rank); one process keeps rank 0's
+    generator = torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, accelerator.process_index, 1))
     return DataLoader(
         dataset, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
         generator=generator, num_workers=cfg.data.num_workers, drop_last=True,
@@ -286,6 +318,76 @@ def write_json(path: Path, data) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ train
+LOCK = ".lock"
+
+
+class RunFolderLock:
+    """An exclusive `flock` on `<run>/.lock`, held by the main process for the whole run.
+
+    Two processes writing one run folder would interleave `log.jsonl` and race on the checkpoint; the second
+    one to start is refused before it changes anything (opening the existing lock file does not modify it). The
+    kernel drops the lock when its holder exits, however it dies (SIGKILL included), so a killed run resumes
+    without clean-up. The file holds the holder's pid and host, for the message."""
+
+    def __init__(self, out: Path):
+        self.out, self.fd = out, None
+
+    def acquire(self) -> None:
+        import fcntl
+        import socket
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ReproError(
+                f"run folder {self.out} is being written by another process (pid {holder}); two writers would "
+                "interleave its log and checkpoint. Wait for that run to finish (or stop it), or pass another "
+                "--output."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the only descriptor of the open file releases the flock
+            self.fd = None
+
+
+def on_main(accelerator, fn):
+    """Run `fn()` on the main process only and hand its result, or its ReproError, to every process.
+
+    Folder work (locking, superseding, reading a checkpoint's header) must happen once, and every process must
+    then take the same branch, or the others wait forever at the next collective call."""
+    payload = [None]
+    if accelerator.is_main_process:
+        try:
+            payload[0] = ("ok", fn())
+        except ReproError as exc:
+            payload[0] = ("error", str(exc))
+        except BaseException as exc:  # a bug: the main process re-raises it, the others stop with its name
+            payload[0] = ("crash", f"{type(exc).__name__}: {exc}")
+            if accelerator.num_processes > 1:
+                from accelerate.utils import broadcast_object_list
+
+                broadcast_object_list(payload, from_process=0)
+            raise
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(payload, from_process=0)
+    kind, value = payload[0]
+    if kind == "error":
+        raise ReproError(value)
+    if kind == "crash":
+        raise RuntimeError(f"the main process failed: {value}")
+    return value
+
+
 def supersede(out: Path, old_hash: str | None) -> None:
     """Move an older config's run files aside (never delete them) so a new config can start afresh."""
     keep = out / f"superseded-{old_hash or 'unknown'}"
@@ -296,35 +398,75 @@ def supersede(out: Path, old_hash: str | None) -> None:
     print(f"[repro] the config changed: the previous run's files are kept in {keep}")
 
 
-def check_output_dir(out: Path, digest: str, on_change: str = "error") -> bool:
+def check_output_dir(out: Path, digest: str, on_change: str = "error", world_size: int = 1) -> bool:
     """True if `out` already holds this exact finished run; a different finished run is refused
     (on_change='error') or moved aside (on_change='restart', what the workflow asks for)."""
     metrics, prov = out / "metrics.json", out / "provenance.json"
     if not metrics.exists():
         return False
     try:
-        done_hash = json.loads(prov.read_text()).get("config_hash")
+        record = json.loads(prov.read_text())
     except (OSError, ValueError):
-        done_hash = None
+        record = {}
+    done_hash = record.get("config_hash")
     if done_hash == digest:
         return True
     if on_change == "restart":
         supersede(out, done_hash)
         return False
+    done_world = record.get("device_count")  # the provenance's count of processes
+    why = (f" It ran with {done_world} processes and this launch has {world_size}: the process count is part of "
+           "a run's config." if isinstance(done_world, int) and done_world != world_size else "")
     raise ReproError(
-        f"{out} already holds a finished run with a different config (hash {done_hash} vs {digest}). "
+        f"{out} already holds a finished run with a different config (hash {done_hash} vs {digest}).{why} "
         "Finished results are never overwritten: pass another --output, or delete that folder to retrain."
     )
 
 
+def open_checkpoint(out: Path, digest: str, world_size: int, on_change: str) -> dict | None:
+    """The checkpoint to resume from, or None to start afresh (a different config's is moved aside under
+    on_change='restart', refused otherwise; one written under another process count is named as such)."""
+    ckpt_path = out / CHECKPOINT
+    if not ckpt_path.exists():
+        return None
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if state["config_hash"] == digest:
+        return state
+    if on_change == "restart":
+        supersede(out, state["config_hash"])
+        return None
+    written = state.get("world_size")  # absent from checkpoints of before world sizes were recorded
+    if written is not None and written != world_size:
+        raise ReproError(
+            f"{ckpt_path} was written by a run of {written} process(es) and this launch has {world_size}: a "
+            "checkpoint resumes only under the process count that wrote it (batch_size is per process and every "
+            f"process has its own random streams). Resume it with `accelerate launch --num_processes {written} "
+            "...`, or pass another --output to start a new run."
+        )
+    raise ReproError(
+        f"{ckpt_path} was written by a different config (hash {state['config_hash']} vs {digest}); "
+        "resume needs the same config. Delete the checkpoint folder to start over, or use another --output."
+    )
+
+
+def reduce_sums(accelerator, sums: dict) -> dict:
+    """Sum each per-process running total over the processes (a key missing on one process counts 0 there).
+
+    Every process must call it at the same point: it is a collective call when there are several."""
+    if accelerator.num_processes == 1:
+        return sums
+    from accelerate.utils import gather_object
+
+    keys = sorted(set(gather_object(sorted(sums))))  # a method may log some keys on some batches only
+    values = torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float32).to(accelerator.device)
+                          for k in keys])
+    return dict(zip(keys, accelerator.reduce(values, reduction="sum").cpu(), strict=True))
+
+
 def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> dict:
-    """Train and evaluate one run into `out`; returns the metrics dict."""
+    """Train and evaluate one run into `out`; returns the metrics dict (the same on every process)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    from common.data import build_splits
-    from common.models import build_model
-
-    digest = config_hash(cfg)
     # validate everything cheap before the output folder is touched
     build_method(cfg.method, num_classes=2, label_smoothing=cfg.train.label_smoothing)  # name and options
     build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.optim.lr), cfg, 1)  # schedule
@@ -337,9 +479,43 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
             "(data.device_cache=true) draws its own order and has no repeated-augmentation sampler. "
             "Set data.device_cache=false, or data.repeated_aug=0."
         )
-    if check_output_dir(out, digest, on_change):
-        print(f"[repro] {out}: finished run with the same config already there; nothing to do.")
-        return json.loads((out / "metrics.json").read_text())
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.train.find_unused_parameters else []
+    accelerator = Accelerator(mixed_precision=cfg.train.precision,
+                              gradient_accumulation_steps=cfg.train.grad_accum, kwargs_handlers=handlers)
+    # the process count is part of the run: recorded in the config that is hashed and saved
+    world = accelerator.num_processes
+    cfg = with_world_size(cfg, world, f"Accelerate started {world} process(es)")
+    digest = config_hash(cfg)
+    lock = RunFolderLock(out)
+    try:
+        on_main(accelerator, lock.acquire)  # only the main process writes the folder
+        return _train_locked(cfg, out, command, on_change, accelerator, digest)
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg: RunConfig, out: Path, command: str, on_change: str, accelerator, digest: str) -> dict:
+    from common.data import build_splits
+    from common.models import build_model
+
+    main = accelerator.is_main_process
+    world = accelerator.num_processes
+    ckpt_path = out / CHECKPOINT
+    main_state = {}
+
+    def prepare_folder() -> str:
+        if check_output_dir(out, digest, on_change, world):
+            return "finished"
+        main_state["checkpoint"] = open_checkpoint(out, digest, world, on_change)
+        return "fresh" if main_state["checkpoint"] is None else "resume"
+
+    status = on_main(accelerator, prepare_folder)
+    if status == "finished":
+        if main:
+            print(f"[repro] {out}: finished run with the same config already there; nothing to do.")
+        metrics = json.loads((out / "metrics.json").read_text())
+        accelerator.end_training()
+        return metrics
     d = cfg.data
     train_ds, val_ds, test_ds, info = build_splits(
         d.name, root=d.root, recipe=d.recipe, allow_download=d.allow_download,
@@ -357,26 +533,25 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
     if len(train_ds) < cfg.train.batch_size:
         raise ReproError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(train_ds)} training examples.")
 
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.train.find_unused_parameters else []
-    accelerator = Accelerator(mixed_precision=cfg.train.precision,
-                              gradient_accumulation_steps=cfg.train.grad_accum, kwargs_handlers=handlers)
-    main = accelerator.is_main_process
     # batches per epoch = len(make_train_loader(...)) (drop_last); the device cache yields as many as the sampler
     sampler = train_sampler(train_ds, cfg, 0, accelerator)
     per_process = len(sampler) if sampler is not None else len(train_ds)
     steps_per_epoch = per_process // cfg.train.batch_size
     if steps_per_epoch == 0:
-        kept = " (repeated augmentation keeps floor(N / 256) * 256 samples per epoch)" if cfg.data.repeated_aug else ""
-        raise ReproError(f"each of the {accelerator.num_processes} processes gets {per_process} training samples per "
-                         f"epoch{kept}, fewer than train.batch_size={cfg.train.batch_size}: lower train.batch_size.")
+        if cfg.data.repeated_aug:
+            raise ReproError(f"each of the {world} processes gets {per_process} training samples per epoch "
+                             "(repeated augmentation keeps floor(N / 256) * 256 samples per epoch), fewer than "
+                             f"train.batch_size={cfg.train.batch_size}: lower train.batch_size.")
+        raise ReproError(f"the global batch, train.batch_size={cfg.train.batch_size} x {world} processes, exceeds "
+                         f"the {len(train_ds)} training examples: lower train.batch_size.")
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
     updates_per_epoch = max(1, steps_per_epoch // cfg.train.grad_accum)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / CHECKPOINT
 
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, updates_per_epoch)
+    # prepared loaders shard the evaluation batches over the processes and pad the last round with repeats;
+    # evaluate() gathers with gather_for_metrics, which drops the repeats: every example counts exactly once
     eval_loaders = {
         split: accelerator.prepare(DataLoader(ds, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
                                               shuffle=False, num_workers=cfg.data.num_workers))
@@ -403,16 +578,11 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
         ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.train.ema_decay)
 
     start_epoch, updates, history, wall_before, extras = 0, 0, [], 0.0, {}
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if state["config_hash"] != digest and on_change == "restart":
-            supersede(out, state["config_hash"])
-        elif state["config_hash"] != digest:
-            raise ReproError(
-                f"{ckpt_path} was written by a different config (hash {state['config_hash']} vs {digest}); "
-                "resume needs the same config. Delete the checkpoint folder to start over, or use another --output."
-            )
-    if ckpt_path.exists():
+    if status == "resume":
+        # the main process read it while deciding; the others read the same file, which no one writes before
+        # the end of the first epoch (after a barrier)
+        state = main_state["checkpoint"] if main else torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        main_state.clear()
         accelerator.unwrap_model(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -425,6 +595,7 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
         start_epoch, updates, history = state["epoch"], state["updates"], state["history"]
         extras = state.get("extras", {})
         wall_before = state["wall_time_s"]
+        del state
         if main:
             print(f"[repro] resuming {out} from epoch {start_epoch} (checkpoint {ckpt_path})")
     if main:  # the log holds exactly the epochs the model state has seen
@@ -437,6 +608,8 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
     bar = tqdm(range(start_epoch, epochs), desc=f"{cfg.experiment or 'run'}/{method.name}/seed{cfg.seed}",
                initial=start_epoch, total=epochs, unit="epoch", disable=not main, dynamic_ncols=True)
     for epoch in bar:
+        # every stream is drawn per process (as DeiT and timm seed seed + rank): each process mixes, drops paths
+        # and augments with its own draws; the data order alone is shared (GlobalBatchSampler)
         seed_globals(derived_seed(cfg.seed, epoch, accelerator.process_index, 2))
         generator = torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, accelerator.process_index, 3))
         scheduler.step(epoch)
@@ -469,13 +642,16 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
                     sums[key] = sums.get(key, 0.0) + (value.detach().float() if torch.is_tensor(value) else value)
             count += 1
             if i % 50 == 49 or i + 1 == steps_per_epoch:  # one host sync every 50 steps
-                check_finite(sums["loss"], epoch, i, optimizer, out)
+                # summed over the processes, so that all of them stop together on a bad loss
+                loss_sum = reduce_sums(accelerator, {"loss": sums["loss"]})["loss"]
+                check_finite(loss_sum, epoch, i, optimizer, out)
                 if main:
-                    steps.set_postfix(loss=f"{float(sums['loss']) / count:.3f}")
+                    steps.set_postfix(loss=f"{float(loss_sum) / (count * world):.3f}")
         steps.close()
+        sums = reduce_sums(accelerator, sums)  # the epoch's training scalars averaged over every process's steps
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": round(time.time() - t0, 3)}
-        row.update({f"train_{k}": float(v) / max(1, count) for k, v in sums.items()})
-        stats = method.epoch_stats()
+        row.update({f"train_{k}": float(v) / max(1, count * world) for k, v in sums.items()})
+        stats = method.epoch_stats()  # the main process's own (the log is written by it)
         if stats:
             row["method_stats"] = stats
         last = epoch + 1 == epochs
@@ -512,7 +688,8 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
             accelerator.wait_for_everyone()
             if main:
                 save_checkpoint(ckpt_path, {
-                    "config_hash": digest, "epoch": epoch + 1, "updates": updates, "history": history,
+                    "config_hash": digest, "world_size": world, "epoch": epoch + 1, "updates": updates,
+                    "history": history,
                     "model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
@@ -532,7 +709,7 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
                     "dataset": info.name, "model": cfg.model.name, "method": method.name, "seed": cfg.seed})
     if main:
         write_json(out / "provenance.json", provenance(
-            digest, wall, accelerator.num_processes,
+            digest, wall, world,
             extra={"command": command, "data_source": info.source, "experiment": cfg.experiment,
                    "paper": cfg.paper, "scale": cfg.scale,
                    # a copy of the result: if a workflow deletes metrics.json to retrain after a config

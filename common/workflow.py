@@ -201,11 +201,17 @@ def _run_launcher(command: list[str]) -> int:
 
 
 def run_config_hash(paper: str, scale: str, experiment: str, method: str, seed: int, root: Path = REPO_ROOT) -> str:
-    """Hash of one run's resolved config: the workflow retrains a run only when this changes."""
-    from common.config import config_hash, load_config
+    """Hash of one run's resolved config: the workflow retrains a run only when this changes.
+
+    The trainer hashes its config with `train.world_size` set to the processes Accelerate started; here it is the
+    count `launch_command` starts (one per GPU of `resources.gpus`, one CPU process without GPUs), so the two agree
+    without launching anything. One process leaves the hash as it was before world sizes were recorded."""
+    from common.config import config_hash, load_config, with_world_size
 
     cfg = load_config(config_path(paper, scale, experiment, root), [f"seed={seed}"], method_label=method)
-    return config_hash(cfg)
+    gpus = resources(paper, scale, experiment, root)["gpus"]
+    processes = max(1, gpus)  # as launch_command: --num_processes gpus, or 1 on the CPU
+    return config_hash(with_world_size(cfg, processes, f"resources.gpus={gpus} launches {processes} process(es)"))
 
 
 if __name__ == "__main__":

@@ -71,16 +71,17 @@ def test_two_processes_split_the_single_process_list():
     assert full[0] == full[1] == full[2] and ranks[0][0] == ranks[1][0]
 
 
-def test_worker_seeds_differ_between_processes_only_with_repeats():
+def test_worker_seeds_differ_between_processes():
     """Copies of an image sit at the same batch position on different processes: they need distinct
-    augmentation streams, i.e. distinct loader generators."""
+    augmentation streams, i.e. distinct loader generators. Without repeats too: every process augments with its
+    own stream, as DeiT and timm seed each rank apart (seed + rank)."""
     def seed(extra, rank):
         cfg = load_config(None, ["train.batch_size=64", *extra])
         loader = make_train_loader(TensorDataset(torch.arange(600)), cfg, 3, process(rank, 2))
         return loader.generator.initial_seed()
 
     assert seed(["data.repeated_aug=3"], 0) != seed(["data.repeated_aug=3"], 1)
-    assert seed([], 0) == seed([], 1)  # unchanged without repeats
+    assert seed([], 0) != seed([], 1)
 
 
 def test_trainer_steps_per_epoch_is_the_loaders_length(tmp_path):
@@ -201,6 +202,7 @@ def hash_without_new_options(cfg):
         del data["data"]["val_per_class"]
     del data["schedule"]["cooldown_epochs"]
     del data["train"]["find_unused_parameters"]
+    del data["train"]["world_size"]
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -211,7 +213,9 @@ def test_new_options_at_their_neutral_value_keep_the_hash():
     explicit = load_config(path, ["data.repeated_aug=0", "schedule.cooldown_epochs=0"], method_label="erm")
     assert config_hash(explicit) == config_hash(cfg)
     assert config_hash(cfg) == "808073dde329fe61"  # computed before the options were added
-    for changed in (["data.repeated_aug=3"], ["schedule.cooldown_epochs=1"], ["train.find_unused_parameters=true"]):
+    assert config_hash(load_config(path, ["train.world_size=1"], method_label="erm")) == config_hash(cfg)
+    for changed in (["data.repeated_aug=3"], ["schedule.cooldown_epochs=1"], ["train.find_unused_parameters=true"],
+                    ["train.world_size=2"]):
         assert config_hash(load_config(path, changed, method_label="erm")) != config_hash(cfg)
 
 
