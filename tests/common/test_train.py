@@ -255,3 +255,31 @@ def test_config_change_under_the_workflow_keeps_the_old_result(tmp_path):
     kept = out / f"superseded-{old_hash}"
     assert json.loads((kept / "provenance.json").read_text())["metrics"] == old
     assert (kept / "log.jsonl").exists() and json.loads((out / "metrics.json").read_text())["epochs"] == 2
+
+
+def test_a_second_writer_is_refused_and_touches_nothing(tmp_path, capsys):
+    """While a process holds a run folder's lock, another trainer on that folder exits 2 naming it and changes
+    no file, even where it would otherwise move the old run aside; once the lock is free it proceeds."""
+    from common.train import RunFolderLock
+
+    out = tmp_path / "run"
+    args = ["--config", str(SMOKE), "--method", "erm", "--output", str(out), "train.max_steps_per_epoch=1", *TINY]
+    assert main([*args, "train.epochs=1"]) == 0
+
+    def snapshot():
+        return {p.relative_to(out): (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+
+    holder = RunFolderLock(out)  # another open file description: flock conflicts as with another process
+    holder.acquire()
+    try:
+        before = snapshot()
+        capsys.readouterr()  # the first run's progress bars
+        assert main([*args, "train.epochs=2", "--on-config-change", "restart"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err
+        assert f"run folder {out} is being written by another process (pid {os.getpid()} on" in err
+        assert snapshot() == before
+    finally:
+        holder.release()
+    assert main([*args, "train.epochs=2", "--on-config-change", "restart"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
