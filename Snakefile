@@ -59,4 +59,4 @@ rule report:
     log:
         "logs/report/index.log",
     shell:
-        "python -m common.report index > {log:q} 2>&1"
+        "{PYTHON:q} -m common.report index > {log:q} 2>&1"

@@ -2,12 +2,26 @@
 # common/workflow.py (importable and tested); these are thin, named wrappers Snakemake can call.
 import glob
 import os
+import shlex
+import sys
 
 from common import workflow as grid
 from common.report import paper_results
 
-# every job (local, conda, cluster) imports `common` and `papers` from this checkout
-shell.prefix(f'export PYTHONPATH="{workflow.basedir}:$PYTHONPATH"; ')
+# every job (local, conda, cluster) imports `common` and `papers` from this checkout (quoted: its path may
+# hold spaces or quotes; braces doubled: Snakemake formats the prefix too)
+shell.prefix(
+    "export PYTHONPATH=" + shlex.quote(workflow.basedir).replace("{", "{{").replace("}", "}}")
+    + '"${{PYTHONPATH:+:$PYTHONPATH}}"; '
+)
+
+# The interpreter of every rule's `{PYTHON:q} -m ...` shell line. Plain runs use the one Snakemake runs
+# under (sys.executable): the project's venv even when it is not activated, so no `python` is needed on
+# PATH (a cluster job re-runs Snakemake on its node and sets this again there). With --sdm conda the job's
+# shell first activates the rule's env, whose packages only its own `python` sees, and with --sdm apptainer
+# the host's interpreter path does not exist in the container: both use `python` from the job's PATH.
+_ISOLATED = {"CONDA", "APPTAINER"} & {m.name for m in workflow.deployment_settings.deployment_method}
+PYTHON = "python" if _ISOLATED else sys.executable
 
 SCALE = config["scale"]
 SEEDS = config.get("seeds") or None

@@ -24,9 +24,9 @@ rule train:
         cpus_per_task=train_cpus,
     shell:
         # pin intra-op threads to the job's cores: oversubscribed small ops run many times slower
-        "OMP_NUM_THREADS={threads} python -m common.workflow train --paper {wildcards.paper} "
-        "--scale {wildcards.scale} --experiment {wildcards.experiment} --method {wildcards.method} "
-        "--seed {wildcards.seed} --pack {resources.pack} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {PYTHON:q} -m common.workflow train --paper {wildcards.paper:q} "
+        "--scale {wildcards.scale:q} --experiment {wildcards.experiment:q} --method {wildcards.method:q} "
+        "--seed {wildcards.seed:q} --pack {resources.pack} > {log:q} 2>&1"
 
 
 rule table:
@@ -47,8 +47,8 @@ rule table:
     log:
         "logs/table/{paper}/{scale}/{table}.log",
     shell:
-        "python -m common.report table --paper {wildcards.paper} --scale {wildcards.scale} "
-        "--table {wildcards.table} > {log} 2>&1"
+        "{PYTHON:q} -m common.report table --paper {wildcards.paper:q} --scale {wildcards.scale:q} "
+        "--table {wildcards.table:q} > {log:q} 2>&1"
 
 
 rule curves:
@@ -68,8 +68,8 @@ rule curves:
     log:
         "logs/curves/{paper}/{scale}/{experiment}.log",
     shell:
-        "python -m common.report curves --paper {wildcards.paper} --scale {wildcards.scale} "
-        "--experiment {wildcards.experiment} > {log} 2>&1"
+        "{PYTHON:q} -m common.report curves --paper {wildcards.paper:q} --scale {wildcards.scale:q} "
+        "--experiment {wildcards.experiment:q} > {log:q} 2>&1"
 
 
 rule mixed_examples:
@@ -87,7 +87,8 @@ rule mixed_examples:
     log:
         "logs/mixed_examples/{paper}/{scale}.log",
     shell:
-        "python -m common.report examples --paper {wildcards.paper} --scale {wildcards.scale} > {log} 2>&1"
+        "{PYTHON:q} -m common.report examples --paper {wildcards.paper:q} --scale {wildcards.scale:q} "
+        "> {log:q} 2>&1"
 
 rule claims_forest:
     # one paper's claims at one scale: our gain with its 95% interval beside the paper's (common/claims.py)
@@ -107,4 +108,5 @@ rule claims_forest:
     log:
         "logs/claims_forest/{paper}/{scale}.log",
     shell:
-        "python -m common.report forest --paper {wildcards.paper:q} --scale {wildcards.scale:q} > {log:q} 2>&1"
+        "{PYTHON:q} -m common.report forest --paper {wildcards.paper:q} --scale {wildcards.scale:q} "
+        "> {log:q} 2>&1"

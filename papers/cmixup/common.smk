@@ -25,7 +25,8 @@ def cmixup_rmse_inputs(wildcards):
 
 
 def cmixup_rmse_runs(wildcards):
-    return " ".join(f"{run.method}={run.folder}" for run in cmixup_experiment_runs(wildcards))
+    # a list: the shell line quotes each item ({params.runs:q}), one argument per run
+    return [f"{run.method}={run.folder}" for run in cmixup_experiment_runs(wildcards)]
 
 
 def cmixup_config(wildcards):

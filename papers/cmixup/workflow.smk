@@ -25,8 +25,9 @@ rule cmixup_fig_rmse:
     log:
         "logs/cmixup/{scale}/rmse_{experiment}.log",
     shell:
-        "python -m papers.cmixup.figures rmse --runs {params.runs} "
-        "--out figures/cmixup/{wildcards.scale}/rmse_{wildcards.experiment} --stamp '{params.stamp}' > {log} 2>&1"
+        "{PYTHON:q} -m papers.cmixup.figures rmse --runs {params.runs:q} "
+        "--out figures/cmixup/{wildcards.scale:q}/rmse_{wildcards.experiment:q} "
+        "--stamp {params.stamp:q} > {log:q} 2>&1"
 
 
 rule cmixup_fig_kernel:
@@ -48,8 +49,9 @@ rule cmixup_fig_kernel:
     log:
         "logs/cmixup/{scale}/kernel_{experiment}.log",
     shell:
-        "python -m papers.cmixup.figures kernel --config {input.config} "
-        "--out figures/cmixup/{wildcards.scale}/kernel_{wildcards.experiment} --stamp '{params.stamp}' > {log} 2>&1"
+        "{PYTHON:q} -m papers.cmixup.figures kernel --config {input.config:q} "
+        "--out figures/cmixup/{wildcards.scale:q}/kernel_{wildcards.experiment:q} "
+        "--stamp {params.stamp:q} > {log:q} 2>&1"
 
 
 rule reproduce_cmixup:

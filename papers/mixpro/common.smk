@@ -16,7 +16,8 @@ def mixpro_pal_inputs(wildcards):
 
 
 def mixpro_pal_runs(wildcards):
-    return " ".join(run.folder for run in mixpro_runs(wildcards.experiment))
+    # a list: the shell line quotes each item ({params.runs:q}), one argument per run
+    return [run.folder for run in mixpro_runs(wildcards.experiment)]
 
 
 def mixpro_stamp(wildcards):

@@ -25,8 +25,9 @@ rule mixpro_fig_pal:
     log:
         "logs/mixpro/{scale}/pal_{experiment}.log",
     shell:
-        "python -m papers.mixpro.figures pal --runs {params.runs} "
-        "--out figures/mixpro/{wildcards.scale}/pal_{wildcards.experiment} --stamp '{params.stamp}' > {log} 2>&1"
+        "{PYTHON:q} -m papers.mixpro.figures pal --runs {params.runs:q} "
+        "--out figures/mixpro/{wildcards.scale:q}/pal_{wildcards.experiment:q} "
+        "--stamp {params.stamp:q} > {log:q} 2>&1"
 
 
 rule reproduce_mixpro:

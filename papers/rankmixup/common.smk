@@ -19,7 +19,8 @@ def rankmixup_reliability_inputs(wildcards):
 
 
 def rankmixup_reliability_runs(wildcards):
-    return " ".join(run.folder for run in rankmixup_runs(wildcards.experiment))
+    # a list: the shell line quotes each item ({params.runs:q}), one argument per run
+    return [run.folder for run in rankmixup_runs(wildcards.experiment)]
 
 
 def rankmixup_stamp(wildcards):

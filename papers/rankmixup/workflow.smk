@@ -26,9 +26,9 @@ rule rankmixup_fig_reliability:
     log:
         "logs/rankmixup/{scale}/reliability_{experiment}.log",
     shell:
-        "python -m papers.rankmixup.figures reliability --runs {params.runs} "
-        "--out figures/rankmixup/{wildcards.scale}/reliability_{wildcards.experiment} "
-        "--stamp '{params.stamp}' > {log} 2>&1"
+        "{PYTHON:q} -m papers.rankmixup.figures reliability --runs {params.runs:q} "
+        "--out figures/rankmixup/{wildcards.scale:q}/reliability_{wildcards.experiment:q} "
+        "--stamp {params.stamp:q} > {log:q} 2>&1"
 
 
 rule reproduce_rankmixup:

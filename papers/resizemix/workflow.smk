@@ -24,8 +24,10 @@ rule resizemix_fig_pairs:
     log:
         "logs/resizemix/{scale}/pairs_{experiment}.log",
     shell:
-        "python -m papers.resizemix.figures pairs --scale {wildcards.scale} --experiment {wildcards.experiment} "
-        "--out figures/resizemix/{wildcards.scale}/pairs_{wildcards.experiment} --stamp '{params.stamp}' > {log} 2>&1"
+        "{PYTHON:q} -m papers.resizemix.figures pairs --scale {wildcards.scale:q} "
+        "--experiment {wildcards.experiment:q} "
+        "--out figures/resizemix/{wildcards.scale:q}/pairs_{wildcards.experiment:q} "
+        "--stamp {params.stamp:q} > {log:q} 2>&1"
 
 
 rule resizemix_fig_weights:
@@ -47,8 +49,10 @@ rule resizemix_fig_weights:
     log:
         "logs/resizemix/{scale}/weights_{experiment}.log",
     shell:
-        "python -m papers.resizemix.figures weights --scale {wildcards.scale} --experiment {wildcards.experiment} "
-        "--out figures/resizemix/{wildcards.scale}/weights_{wildcards.experiment} --stamp '{params.stamp}' > {log} 2>&1"
+        "{PYTHON:q} -m papers.resizemix.figures weights --scale {wildcards.scale:q} "
+        "--experiment {wildcards.experiment:q} "
+        "--out figures/resizemix/{wildcards.scale:q}/weights_{wildcards.experiment:q} "
+        "--stamp {params.stamp:q} > {log:q} 2>&1"
 
 
 rule reproduce_resizemix:

@@ -25,8 +25,9 @@ rule smmix_fig_windows:
     log:
         "logs/smmix/{scale}/windows_{experiment}.log",
     shell:
-        "python -m papers.smmix.figures windows --run {params.run} "
-        "--out figures/smmix/{wildcards.scale}/windows_{wildcards.experiment} --stamp '{params.stamp}' > {log} 2>&1"
+        "{PYTHON:q} -m papers.smmix.figures windows --run {params.run:q} "
+        "--out figures/smmix/{wildcards.scale:q}/windows_{wildcards.experiment:q} "
+        "--stamp {params.stamp:q} > {log:q} 2>&1"
 
 
 rule reproduce_smmix:

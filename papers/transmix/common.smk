@@ -24,7 +24,8 @@ def transmix_weights_inputs(wildcards):
 
 
 def transmix_weights_runs(wildcards):
-    return " ".join(run.folder for run in transmix_runs(wildcards.experiment))
+    # a list: the shell line quotes each item ({params.runs:q}), one argument per run
+    return [run.folder for run in transmix_runs(wildcards.experiment)]
 
 
 def transmix_stamp(wildcards):

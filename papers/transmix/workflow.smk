@@ -24,8 +24,9 @@ rule transmix_fig_attention:
     log:
         "logs/transmix/{scale}/attention_{experiment}.log",
     shell:
-        "python -m papers.transmix.figures attention --run {params.run} "
-        "--out figures/transmix/{wildcards.scale}/attention_{wildcards.experiment} --stamp '{params.stamp}' > {log} 2>&1"
+        "{PYTHON:q} -m papers.transmix.figures attention --run {params.run:q} "
+        "--out figures/transmix/{wildcards.scale:q}/attention_{wildcards.experiment:q} "
+        "--stamp {params.stamp:q} > {log:q} 2>&1"
 
 
 rule transmix_fig_weights:
@@ -48,8 +49,9 @@ rule transmix_fig_weights:
     log:
         "logs/transmix/{scale}/weights_{experiment}.log",
     shell:
-        "python -m papers.transmix.figures weights --runs {params.runs} "
-        "--out figures/transmix/{wildcards.scale}/weights_{wildcards.experiment} --stamp '{params.stamp}' > {log} 2>&1"
+        "{PYTHON:q} -m papers.transmix.figures weights --runs {params.runs:q} "
+        "--out figures/transmix/{wildcards.scale:q}/weights_{wildcards.experiment:q} "
+        "--stamp {params.stamp:q} > {log:q} 2>&1"
 
 
 rule reproduce_transmix:
