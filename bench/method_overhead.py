@@ -26,10 +26,11 @@ SMALL = {"preact_w8_32": ("preact_resnet18_cifar", {"width": 8}, 32, 16),
          "vit_depth1_32": ("vit_tiny_patch4_32", {"depth": 1}, 32, 16)}
 
 
-def step_fn(method_name, model_name, kwargs, size, batch, accelerator):
-    """A closure running one training step of `method_name` on its own model, optimiser and fixed batch."""
+def step_fn(method_name, model_name, kwargs, size, batch, accelerator, options=None):
+    """A closure running one training step of `method_name` (with method `options`, default none) on its own
+    model, optimiser and fixed batch."""
     device = accelerator.device
-    method = build_method({"name": method_name}, num_classes=10, label_smoothing=0.1)
+    method = build_method({"name": method_name, **(options or {})}, num_classes=10, label_smoothing=0.1)
     torch.manual_seed(0)
     model = build_model(model_name, num_classes=10, **kwargs)
     method.check_model(model)
