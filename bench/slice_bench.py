@@ -112,7 +112,8 @@ def epoch_time_cached(argv=None) -> dict:
             if any(p.returncode for p in procs):
                 raise SystemExit("a benchmark run failed:\n" + "\n".join(e[-2000:] for e in errors))
             per_epoch = max(epoch_seconds(o) for o in outs) * full_steps / args.steps
-            payload["rows"].append({"config": config, "method": args.method, "fast_path": True, "packed": k,
+            payload["rows"].append({"config": config, "overrides": overrides, "method": args.method, "fast_path": True,
+                                    "packed": k,
                                     "steps_per_epoch": full_steps, "epochs": cfg.train.epochs,
                                     "s_per_epoch": per_epoch, "min_per_run": per_epoch * cfg.train.epochs / 60,
                                     "device_min_per_run": per_epoch * cfg.train.epochs / 60 / k, "wall_s_all": wall})

@@ -283,7 +283,7 @@ def merge(argv=None, root: Path = REPO) -> int:
 # ------------------------------------------------------------------------------------------ RESULTS.md
 def _cell(value, digits: int = 4) -> str:
     if isinstance(value, float):
-        return f"{value:.{digits}g}"
+        return f"{value:,.0f}" if abs(value) >= 10 ** digits else f"{value:.{digits}g}"
     return "" if value is None else str(value)
 
 
@@ -339,7 +339,7 @@ def render_results(root: Path = REPO) -> str:
                 runs.append(f"| {r['run']} | {r['status']} | {r.get('epochs_done', 0)}/{r['epochs']} | "
                             f"{r['s_per_epoch_wall']:.3g} | {r['mean_packed']:.2g} | {src(s)} |")
     if runs:
-        out += ["", "### Proxy runs trained in slices (wall seconds per epoch, evaluation included)", "",
+        out += ["", "### Runs trained in slices (wall seconds per epoch, evaluation included)", "",
                 "| run | status | epochs | s/epoch | runs packed (mean) | device | commit | date |",
                 "|---|---|---|---|---|---|---|---|", *runs]
     return "\n".join(out)

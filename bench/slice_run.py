@@ -192,6 +192,8 @@ def pack_factors_from_epoch_time(ctx: SliceContext) -> tuple[list[dict], list[di
             if k > 1:
                 factors.append({**stamp, "packed": k, "factor": round(r["s_per_epoch"] / alone, 4), "config": config,
                                 "from": "epoch_time bench"})
+        if packs[1].get("overrides"):  # a changed config (the CPU test's narrow net) times no grid experiment
+            continue
         parts = Path(config).parts  # papers/<paper>/configs/<scale>/<experiment>.yaml
         runs.append({**stamp, "paper": parts[1], "scale": parts[3], "experiment": Path(config).stem,
                      "method": packs[1]["method"], "s_per_epoch_alone": round(alone, 4), "startup_s": None,
@@ -428,7 +430,7 @@ def measurements(ctx: SliceContext, record: dict, factor) -> dict:
     stamp = {"device_kind": ctx.kind, "device": ctx.device, "slice": ctx.slice_id, "date": ctx.date,
              "commit": ctx.git["git_commit"]}
     factors, bench_runs = pack_factors_from_epoch_time(ctx)
-    runs = list(bench_runs)
+    runs = []  # the runs' own measurements first: for the same slice they win over the benchmark's
     for entry in record["runs"]:
         if "s_per_epoch_wall" not in entry:
             continue
@@ -437,8 +439,8 @@ def measurements(ctx: SliceContext, record: dict, factor) -> dict:
                      "s_per_epoch_wall": entry["s_per_epoch_wall"], "mean_packed": entry["mean_packed"],
                      "s_per_epoch_alone": round(entry["s_per_epoch_wall"] / factor(entry["mean_packed"]), 4),
                      "startup_s": entry["startup_s"], "epochs_seen": entry["epochs_seen"],
-                     "finished": entry["status"] == "finished", "from": "proxy run (wall time incl. evaluation)"})
-    return {**stamp, "runs": runs, "pack_factors": factors}
+                     "finished": entry["status"] == "finished", "from": "run (wall time incl. evaluation)"})
+    return {**stamp, "runs": runs + bench_runs, "pack_factors": factors}
 
 
 def write_outputs(ctx: SliceContext, record: dict) -> None:
