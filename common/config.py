@@ -43,6 +43,9 @@ class DataConfig:
     # repeated augmentation (DeiT's RASampler, through timm's RepeatAugSampler): each drawn image appears this many
     # times in a row, spread over the processes; an epoch keeps floor(N / 256) * 256 samples in all. 0: off (DeiT: 3)
     repeated_aug: int = 0
+    # false: every epoch takes the training batches in dataset order (C-Mixup's out-of-distribution datasets,
+    # algorithm.train: no shuffle when is_ood); one process, standard DataLoader only
+    shuffle: bool = True
 
 
 @dataclass
@@ -319,6 +322,7 @@ _NOT_HASHED = ("output_dir", "resources")
 _ADDED_LATER = {
     ("data", "val_per_class"): False,
     ("data", "repeated_aug"): 0,
+    ("data", "shuffle"): True,
     ("schedule", "cooldown_epochs"): 0,
     ("train", "find_unused_parameters"): False,
     ("train", "world_size"): 1,  # every committed run trained in one process

@@ -3,8 +3,11 @@
 `build_datasets(name, ...)` returns `(train_ds, eval_ds, info)`. Image datasets yield
 `(image (C, H, W) float32 normalised, int label)`; regression datasets yield
 `(features (D,) float32, target (1,) float32)` (time series: `(window (P, m), next values (m,))`).
-Some datasets bring their own validation split and normalisation (C-Mixup's Airfoil, NO2 and time
-series, specs/cmixup.md §3); `build_splits` returns it as the validation split.
+Some datasets bring their own validation split and normalisation (C-Mixup's Airfoil here; NO2, the time
+series and the out-of-distribution tables in `papers/cmixup/data.py`, specs/cmixup.md §3); `build_splits`
+returns it as the validation split. A tabular split may carry a domain id per example (`TabularDataset.domains`),
+from which the trainer reports per-domain errors. Papers register their own datasets with `register_dataset`
+(the registry imports `papers` before any lookup).
 
 Where the data comes from, in order (the first that exists wins, and `DataInfo.source` records it):
 
@@ -81,13 +84,6 @@ AIRFOIL_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/00291/a
 AIRFOIL_FILE = "airfoil_self_noise.dat"
 AIRFOIL_ROWS = 1503
 AIRFOIL_SPLIT = (1003, 300, 200)  # C-Mixup src/data/airfoil.py: train / valid / test after the shuffle
-NO2_FILES = tuple(f"{xy}_{split}.npy" for xy in ("x", "y") for split in ("train", "valid", "test"))
-# C-Mixup's time series (LSTNet data, laiguokun/multivariate-time-series-data): file, window, horizon
-TIME_SERIES = {
-    "exchange-rate": ("exchange_rate.txt", 24 * 7, 12),
-    "electricity": ("electricity.txt", 24 * 7, 24),
-}
-TIME_SERIES_URL = "https://github.com/laiguokun/multivariate-time-series-data"
 
 
 @dataclass
@@ -161,8 +157,13 @@ def register_dataset(name: str, seeded_split: bool = False) -> Callable:
     return decorator
 
 
+def _import_papers() -> None:
+    import papers  # noqa: F401  (papers register their own datasets; late: papers import us)
+
+
 def list_datasets() -> list[str]:
-    """Registered dataset names, sorted."""
+    """Registered dataset names (the papers' own included), sorted."""
+    _import_papers()
     return sorted(_DATASETS)
 
 
@@ -262,17 +263,25 @@ class _OrderedImageFolder(ImageFolder):
 class _Tabular:
     features: np.ndarray  # (N, D) raw
     targets: np.ndarray  # (N,) raw
+    domains: np.ndarray | None = None  # (N,) int domain id per example (out-of-distribution tables)
 
     def __len__(self) -> int:
         return len(self.targets)
 
 
 class TabularDataset(Dataset):
-    """Standardised features and raw targets; yields `(features (D,), target (1,))`, float32."""
+    """Standardised features and raw targets; yields `(features (D,), target (1,))`, float32.
 
-    def __init__(self, features: np.ndarray, targets: np.ndarray, mean: np.ndarray, std: np.ndarray):
+    `domains` (optional, `(N,)` int64): the domain of each example; evaluation then also reports per-domain
+    errors (`common.metrics.regression_metrics`)."""
+
+    def __init__(self, features: np.ndarray, targets: np.ndarray, mean: np.ndarray, std: np.ndarray,
+                 domains: np.ndarray | None = None):
         self.features = torch.as_tensor((features - mean) / std, dtype=torch.float32)
         self.targets = torch.as_tensor(targets, dtype=torch.float32).reshape(-1, 1)
+        self.domains = None if domains is None else torch.as_tensor(np.asarray(domains), dtype=torch.int64)
+        if self.domains is not None and self.domains.shape != (len(self.targets),):
+            raise ReproError(f"domains {tuple(self.domains.shape)} must hold one id per example ({len(self.targets)}).")
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -377,6 +386,7 @@ def build_test_dataset(
 
 
 def _build(name, root, recipe, allow_download, val_split, split_seed, image_size, val_per_class=False):
+    _import_papers()
     if name not in _DATASETS:
         raise unknown_name("dataset", name, _DATASETS)
     extra = {"split_seed": split_seed} if name in _SEEDED_SPLITS else {}
@@ -410,10 +420,11 @@ def _build(name, root, recipe, allow_download, val_split, split_seed, image_size
             mean, std = fit_rows.mean(axis=0), fit_rows.std(axis=0)
             std = np.where(std > 0, std, 1.0)  # a constant column stays constant instead of NaN
         info.mean, info.std = tuple(mean.tolist()), tuple(std.tolist())
-        train_full = TabularDataset(raw.train.features, raw.train.targets, mean, std)
-        test_ds = TabularDataset(raw.test.features, raw.test.targets, mean, std)
+        train_full, test_ds = (TabularDataset(t.features, t.targets, mean, std, t.domains)
+                               for t in (raw.train, raw.test))
         if raw.val is not None:
-            return train_full, TabularDataset(raw.val.features, raw.val.targets, mean, std), test_ds, info
+            return train_full, TabularDataset(raw.val.features, raw.val.targets, mean, std, raw.val.domains), \
+                test_ds, info
         if train_idx is None:
             return train_full, None, test_ds, info
         return Subset(train_full, train_idx), Subset(train_full, val_idx), test_ds, info
@@ -1169,7 +1180,7 @@ def airfoil_permutation(split_seed: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# C-Mixup's other in-distribution sets: NO2 (authors' .npy splits), Exchange-Rate, Electricity
+# Local-only datasets (the papers' own loaders use this: papers/cmixup/data.py)
 # --------------------------------------------------------------------------------------------
 
 
@@ -1185,61 +1196,3 @@ def _find_files(name: str, root: Path | None, files: Sequence[str], where: str) 
         + (f"; missing: {', '.join(missing)}" if missing else "")
         + f". Fix: put {', '.join(files)} in ${DATA_ROOT_ENV}/{name}/ or set data.root to their folder; {where}."
     )
-
-
-@register_dataset("no2")
-def _no2(root: Path | None, allow_download: bool) -> _RawSplits:
-    """NO2 (7 inputs) in the authors' fixed splits, used as shipped (`src/data/no2.py`: no rescaling)."""
-    folder = _find_files("no2", root, NO2_FILES, "they are the .npy splits shipped with huaxiuyao/C-Mixup "
-                         "(src/data/NO2/)")
-    arrays = {}
-    for file in NO2_FILES:
-        try:
-            arrays[file[:-4]] = np.load(folder / file).astype(np.float64)
-        except (OSError, ValueError) as err:
-            raise ReproError(f"cannot read {folder / file} ({err}); re-copy it from the C-Mixup repository.") from err
-    splits = {}
-    for split in ("train", "valid", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"].reshape(len(arrays[f"y_{split}"]), -1)
-        if x.ndim != 2 or len(x) != len(y) or y.shape[1] != 1:
-            raise ReproError(
-                f"{folder}: x_{split}.npy {x.shape} and y_{split}.npy {y.shape} do not pair up as (N, D) "
-                "inputs and (N, 1) targets; re-copy the C-Mixup NO2 files."
-            )
-        splits[split] = _Tabular(x, y[:, 0])
-    dim = splits["train"].features.shape[1]
-    info = DataInfo("no2", "regression", 1, None, None, None, f"folder:{folder}")
-    return _RawSplits(splits["train"], splits["test"], info, stats=((0.0,) * dim, (1.0,) * dim),
-                      val=splits["valid"])  # fmt: skip
-
-
-def _time_series(name: str, root: Path | None) -> _RawSplits:
-    """LSTNet split of C-Mixup's `Data_utility` (normalize=2): each series divided by its max |value| over
-    the whole file; rows [P + h - 1, 0.6 n) train, [0.6 n, 0.8 n) valid, [0.8 n, n) test."""
-    file, window, horizon = TIME_SERIES[name]
-    folder = _find_files(name, root, [file], f"{file} is in {TIME_SERIES_URL} (unzip it)")
-    try:
-        raw = np.loadtxt(folder / file, delimiter=",", ndmin=2)
-    except ValueError as err:
-        raise ReproError(f"cannot parse {folder / file} ({err}); it should be comma-separated numbers.") from err
-    n, m = raw.shape
-    if n < window + horizon + 5:
-        raise ReproError(f"{folder / file} has {n} rows; a window of {window} + horizon {horizon} needs more.")
-    scale = np.abs(raw).max(axis=0)
-    series = torch.as_tensor(raw / np.where(scale > 0, scale, 1.0), dtype=torch.float32)
-    n_train, n_valid = int(0.6 * n), int((0.6 + 0.2) * n)
-    train, val, test = (WindowedSeries(series, rows, window, horizon) for rows in
-                        (range(window + horizon - 1, n_train), range(n_train, n_valid), range(n_valid, n)))
-    info = DataInfo(name, "regression", m, None, (0.0,) * m, tuple(scale.tolist()),
-                    f"file:{folder / file} sha256={_sha256(folder / file)}")
-    return _RawSplits(train, test, info, val=val)
-
-
-@register_dataset("exchange-rate")
-def _exchange_rate(root: Path | None, allow_download: bool) -> _RawSplits:
-    return _time_series("exchange-rate", root)
-
-
-@register_dataset("electricity")
-def _electricity(root: Path | None, allow_download: bool) -> _RawSplits:
-    return _time_series("electricity", root)

@@ -372,21 +372,26 @@ def classification_metrics(
     return metrics
 
 
-def regression_metrics(preds: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """RMSE, MAPE (%) and Pearson r as C-Mixup computes them (specs/cmixup.md §2.3).
+def regression_metrics(preds: torch.Tensor, targets: torch.Tensor, domains: torch.Tensor | None = None
+                       ) -> dict[str, float]:
+    """RMSE, MAPE (%) and Pearson r as C-Mixup computes them (specs/cmixup.md §2.3), and per-domain RMSE.
 
     * `rmse = sqrt(mean((pred - y)^2))` over all entries;
     * `mape = 100 * mean(|pred - y| / |y|)` over the entries with `y != 0`;
     * `r`: Pearson correlation per output dimension (population moments), averaged over the
       dimensions whose targets have non-zero variance; NaN if there is none, or if a kept prediction
-      column is constant (as the official numpy code gives).
+      column is constant (as the official numpy code gives);
+    * with `domains`: `rmse_worst_domain`, the largest RMSE of a domain (C-Mixup's `cal_worst_acc` over the test
+      domains), and `rmse_domain_mean`, the unweighted mean of the domains' RMSEs (`rmse` itself pools every
+      example: the "average" of C-Mixup's out-of-distribution tables, `algorithm.test` on the whole test split).
 
     Args:
         preds: `(N,)`, `(N, 1)` or `(N, D)` predictions.
         targets: same shape as `preds` (a `(N,)` / `(N, 1)` mix is accepted).
+        domains: optional `(N,)` integer domain of each example.
 
     Returns:
-        `{'rmse', 'mape', 'r'}`.
+        `{'rmse', 'mape', 'r'}`, plus `{'rmse_worst_domain', 'rmse_domain_mean'}` with `domains`.
     """
     # (N, 1) -> (N,) on both sides, as the official code squeezes, so (N,) vs (N, 1) never broadcasts.
     pred = preds.squeeze(1) if preds.dim() == 2 and preds.shape[1] == 1 else preds
@@ -409,7 +414,19 @@ def regression_metrics(preds: torch.Tensor, targets: torch.Tensor) -> dict[str, 
     sigma_t = dev_t.pow(2).mean(dim=0).sqrt()
     corr = (dev_p * dev_t).mean(dim=0) / (sigma_p * sigma_t)
     r = corr[sigma_t != 0].mean()
-    return {"rmse": float(rmse.item()), "mape": float(mape.item()), "r": float(r.item())}
+    out = {"rmse": float(rmse.item()), "mape": float(mape.item()), "r": float(r.item())}
+    if domains is not None:
+        domains = torch.as_tensor(domains).to(pred.device).reshape(-1)
+        if domains.shape[0] != pred.shape[0]:
+            raise ReproError(f"domains has {domains.shape[0]} entries for {pred.shape[0]} predictions.")
+        _, group = torch.unique(domains, return_inverse=True)
+        sq = ((pred2 - true2) ** 2).sum(dim=1)  # per example, summed over output dims
+        sums = torch.zeros(int(group.max()) + 1, dtype=sq.dtype, device=sq.device).index_add_(0, group, sq)
+        counts = torch.bincount(group).to(sq.dtype) * pred2.shape[1]
+        per_domain = torch.sqrt(sums / counts)
+        out["rmse_worst_domain"] = float(per_domain.max().item())
+        out["rmse_domain_mean"] = float(per_domain.mean().item())
+    return out
 
 
 def reliability_diagram_data(

@@ -144,6 +144,8 @@ def train_sampler(dataset, cfg: RunConfig, epoch: int, accelerator):
     """The training sampler of one epoch: repeated augmentation, global batches split over the processes, or
     None (one process: the DataLoader shuffles with the (seed, epoch) generator of `make_train_loader`)."""
     world, rank = accelerator.num_processes, accelerator.process_index
+    if world > 1 and not cfg.data.shuffle:
+        raise ReproError(f"data.shuffle=false (batches in dataset order) runs in one process, not {world}.")
     if cfg.data.repeated_aug:
         from timm.data.distributed_sampler import RepeatAugSampler
 
@@ -167,7 +169,7 @@ def make_train_loader(dataset, cfg: RunConfig, epoch: int, accelerator) -> DataL
     # augments with its own stream as DeiT and timm seed theirs (seed + rank); one process keeps rank 0's
     generator = torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, accelerator.process_index, 1))
     return DataLoader(
-        dataset, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
+        dataset, batch_size=cfg.train.batch_size, shuffle=sampler is None and cfg.data.shuffle, sampler=sampler,
         generator=generator, num_workers=cfg.data.num_workers, drop_last=True,
         pin_memory=torch.cuda.is_available(), persistent_workers=False,
     )
@@ -215,7 +217,10 @@ def evaluate(model, loader, accelerator, task: str) -> tuple[dict, torch.Tensor,
         targets.append(target.cpu())
     outputs, targets = torch.cat(outputs), torch.cat(targets)
     if task == "regression":
-        return regression_metrics(outputs, targets), outputs, targets
+        # a dataset with a domain id per example (out-of-distribution tables) also gets per-domain errors; the
+        # loader does not shuffle, so the gathered rows are in dataset order
+        domains = getattr(getattr(loader, "dataset", None), "domains", None)
+        return regression_metrics(outputs, targets, domains=domains), outputs, targets
     return classification_metrics(outputs, targets), outputs, targets
 
 
@@ -479,6 +484,9 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
             "(data.device_cache=true) draws its own order and has no repeated-augmentation sampler. "
             "Set data.device_cache=false, or data.repeated_aug=0."
         )
+    if not cfg.data.shuffle and (cfg.data.repeated_aug or cfg.data.device_cache):
+        raise ReproError("data.shuffle=false (batches in dataset order) needs the standard DataLoader without "
+                         "repeated augmentation: set data.repeated_aug=0 and data.device_cache=false.")
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.train.find_unused_parameters else []
     accelerator = Accelerator(mixed_precision=cfg.train.precision,
                               gradient_accumulation_steps=cfg.train.grad_accum, kwargs_handlers=handlers)

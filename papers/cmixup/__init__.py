@@ -1,3 +1,6 @@
+from papers.cmixup import data  # noqa: F401  (registers NO2, the time series, Crime and SkillCraft)
+from papers.cmixup.baselines import KMixup, LocalMixup, kmixup_partners, local_weights, optimal_assignment
+from papers.cmixup.lstnet import LSTNet, lstnet  # registers `lstnet` into timm
 from papers.cmixup.method import (
     CMixup,
     CMixupWithinBatch,
@@ -8,16 +11,20 @@ from papers.cmixup.method import (
     pair_probability_rows,
     sample_partners,
 )
-from papers.cmixup.lstnet import LSTNet, lstnet  # registers `lstnet` into timm
 
 __all__ = [
     "CMixup",
     "CMixupWithinBatch",
+    "KMixup",
     "LSTNet",
+    "LocalMixup",
     "ManifoldMixupRegression",
     "MixupRegression",
+    "kmixup_partners",
+    "local_weights",
     "lstnet",
     "official_draws",
+    "optimal_assignment",
     "pair_probabilities",
     "pair_probability_rows",
     "sample_partners",

@@ -16,6 +16,14 @@ def cmixup_experiments():
     return grid.experiments("cmixup", SCALE)
 
 
+def cmixup_kernel_experiments():
+    """The experiments with a C-Mixup method, whose bandwidth the kernel figure draws (airfoil_baselines has
+    only k-Mixup and Local Mixup)."""
+    kernel = ("cmixup", "cmixup_batch")  # papers/cmixup/figures.py KERNEL_METHODS
+    return [e for e in cmixup_experiments() if any((m or {}).get("name") in kernel for m in
+                                                 (grid.load_experiment("cmixup", SCALE, e).get("methods") or {}).values())]
+
+
 def cmixup_experiment_runs(wildcards):
     return [run for run in grid.runs("cmixup", wildcards.scale, SEEDS) if run.experiment == wildcards.experiment]
 

@@ -57,5 +57,5 @@ rule cmixup_fig_kernel:
 rule reproduce_cmixup:
     input:
         cmixup_paper_targets(),
-        [f"figures/cmixup/{SCALE}/{kind}_{experiment}.png"
-         for kind in ("rmse", "kernel") for experiment in cmixup_experiments()],
+        [f"figures/cmixup/{SCALE}/rmse_{experiment}.png" for experiment in cmixup_experiments()],
+        [f"figures/cmixup/{SCALE}/kernel_{experiment}.png" for experiment in cmixup_kernel_experiments()],

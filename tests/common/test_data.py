@@ -263,8 +263,9 @@ def test_out_of_range_labels_are_rejected(mini_as_cifar10):
 
 
 def test_registry():
-    assert {"cifar10", "cifar10-mini", "cifar100", "imagenet", "airfoil", "no2", "exchange-rate",
-            "electricity"} <= set(list_datasets())
+    # the papers' own datasets are listed too (C-Mixup's, registered by papers/cmixup/data.py)
+    assert {"cifar10", "cifar10-mini", "cifar100", "imagenet", "airfoil", "no2", "exchange_rate",
+            "electricity", "communities_and_crime", "skillcraft"} <= set(list_datasets())
     with pytest.raises(ReproError, match="registered twice"):
         register_dataset("cifar10")(lambda root, allow_download: None)
 
@@ -420,59 +421,7 @@ def test_airfoil_errors(tmp_path, synthetic_airfoil, no_data_env, monkeypatch):
         build_datasets("airfoil", root=folder, allow_download=False)
 
 
-# ---------------------------------------------------------------------------------------------
-# C-Mixup's other in-distribution datasets: local files only, clear errors when absent
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name,files", [("no2", ["x_train.npy", "y_valid.npy"]),
-                                        ("exchange-rate", ["exchange_rate.txt"]),
-                                        ("electricity", ["electricity.txt"])])
-def test_local_only_datasets_say_what_to_put_where(tmp_path, monkeypatch, name, files):
-    monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path))
-    with pytest.raises(ReproError) as info:
-        build_datasets(name, allow_download=True)
-    message = str(info.value)
-    assert f"$REPRO_DATA_DIR/{name}/" in message and str(tmp_path / name) in message
-    assert all(f in message for f in files)
-    monkeypatch.delenv(DATA_ROOT_ENV)
-    with pytest.raises(ReproError, match="REPRO_DATA_DIR is not set"):
-        build_datasets(name)
-
-
-def test_no2_uses_the_shipped_splits_as_is(tmp_path):
-    rng = np.random.default_rng(0)
-    sizes = {"train": 20, "valid": 6, "test": 5}
-    for split, n in sizes.items():
-        np.save(tmp_path / f"x_{split}.npy", rng.normal(size=(n, 7)))
-        np.save(tmp_path / f"y_{split}.npy", rng.normal(size=(n, 1)))
-    train_ds, val_ds, test_ds, info = data.build_splits("no2", root=tmp_path, allow_download=False)
-    assert (len(train_ds), len(val_ds), len(test_ds)) == (20, 6, 5) and info.num_classes == 1
-    torch.testing.assert_close(val_ds.features, torch.tensor(np.load(tmp_path / "x_valid.npy"), dtype=torch.float32))
-    torch.testing.assert_close(test_ds.targets, torch.tensor(np.load(tmp_path / "y_test.npy"), dtype=torch.float32))
-    np.save(tmp_path / "y_test.npy", rng.normal(size=(4, 1)))
-    with pytest.raises(ReproError, match="do not pair up"):
-        data.build_splits("no2", root=tmp_path, allow_download=False)
-
-
-def test_time_series_windows_follow_lstnet(tmp_path):
-    n, m = 400, 3
-    series = np.random.default_rng(0).normal(size=(n, m)) * np.array([1.0, 10.0, 100.0])
-    np.savetxt(tmp_path / "exchange_rate.txt", series, delimiter=",")
-    train_ds, val_ds, test_ds, info = data.build_splits("exchange-rate", root=tmp_path, allow_download=False)
-    window, horizon = 168, 12
-    assert info.num_classes == m and info.std == tuple(np.abs(series).max(0))
-    assert (len(train_ds), len(val_ds), len(test_ds)) == (240 - (window + horizon - 1), 80, 80)
-    scaled = series / np.abs(series).max(0)
-    # Data_utility._batchify: target row t, window rows [t - h - P + 1, t - h + 1)
-    for ds, first in ((train_ds, window + horizon - 1), (val_ds, 240), (test_ds, 320)):
-        for k in (0, len(ds) - 1):
-            x, y = ds[k]
-            t = first + k
-            assert x.shape == (window, m) and y.shape == (m,)
-            torch.testing.assert_close(x, torch.tensor(scaled[t - horizon + 1 - window:t - horizon + 1], dtype=torch.float32))
-            torch.testing.assert_close(y, torch.tensor(scaled[t], dtype=torch.float32))
-    assert train_ds.targets.shape == (len(train_ds), m)
+# (C-Mixup's NO2, time series, Crime and SkillCraft loaders: tests/papers/test_cmixup_data.py)
 
 
 def test_airfoil_mini_loads_on_a_fresh_clone_with_the_official_proportions(monkeypatch):

@@ -196,7 +196,7 @@ def hash_without_new_options(cfg):
     data = run_dict(cfg)
     for key in ("output_dir", "resources"):
         data.pop(key)
-    for key in ("num_workers", "root", "repeated_aug"):
+    for key in ("num_workers", "root", "repeated_aug", "shuffle"):
         data["data"].pop(key)
     if data["data"]["val_per_class"] is False:
         del data["data"]["val_per_class"]

@@ -251,9 +251,9 @@ TINY = [
 @pytest.mark.parametrize(
     "experiment,folder,file,method",
     [
-        ("exchange_rate", "exchange-rate", "exchange_rate.txt", "cmixup"),  # manifold C-Mixup, 8-dim kernel
+        ("exchange_rate", "exchange_rate", "exchange_rate.txt", "cmixup"),  # manifold C-Mixup, 8-dim kernel
         ("electricity", "electricity", "electricity.txt", "cmixup"),  # input C-Mixup
-        ("exchange_rate", "exchange-rate", "exchange_rate.txt", "manifold_mixup"),
+        ("exchange_rate", "exchange_rate", "exchange_rate.txt", "manifold_mixup"),
     ],
 )
 def test_paper_config_trains_on_a_synthetic_series(tmp_path, monkeypatch, experiment, folder, file, method):
@@ -279,8 +279,8 @@ def test_kernel_figure_draws_vector_labels(tmp_path, monkeypatch):
 
     rng = np.random.default_rng(1)
     series = 1.0 + np.cumsum(rng.normal(scale=0.01, size=(400, 8)), axis=0)
-    (tmp_path / "data" / "exchange-rate").mkdir(parents=True)
-    np.savetxt(tmp_path / "data" / "exchange-rate" / "exchange_rate.txt", series, delimiter=",")
+    (tmp_path / "data" / "exchange_rate").mkdir(parents=True)
+    np.savetxt(tmp_path / "data" / "exchange_rate" / "exchange_rate.txt", series, delimiter=",")
     monkeypatch.setenv("REPRO_DATA_DIR", str(tmp_path / "data"))
     config = REPO / "papers" / "cmixup" / "configs" / "paper" / "exchange_rate.yaml"
     drawn = kernel_figure(config, tmp_path / "kernel", "test")
