@@ -35,6 +35,31 @@ class StepContext:
     extras: dict = field(default_factory=dict)  # things the method declared in `needs`
 
 
+@dataclass(frozen=True)
+class TrainPass:
+    """One pass of the trainer over the training set (`Method.passes`).
+
+    By default every epoch is one pass. A method whose loader yields several views of each example per pass
+    (FKD: n stored regions per image load) counts a pass as several epochs: the lr schedule is set at the pass's
+    first epoch, the log row and checkpoint say the epoch the pass ends at.
+
+    Attributes:
+        epoch: the 0-based epoch the pass starts at (the schedule's position and the random streams' key).
+        epochs: how many epochs it counts for.
+        batch_size: loader batch of this pass; None: ``train.batch_size``.
+        options: what the method's training dataset needs to know about the pass (`Method.train_dataset`).
+    """
+
+    epoch: int
+    epochs: int = 1
+    batch_size: int | None = None
+    options: dict = field(default_factory=dict, hash=False, compare=True)
+
+    @property
+    def stop(self) -> int:
+        return self.epoch + self.epochs
+
+
 def register_method(name: str):
     """Class decorator adding a method to the registry under `name` (a duplicate is an error)."""
 
@@ -100,6 +125,20 @@ class Method:
 
     def check_model(self, model) -> None:
         """Raise ReproError if `model` cannot give what this method needs (e.g. attention maps)."""
+
+    def passes(self, epochs: int, batch_size: int) -> list[TrainPass]:
+        """The passes over the data that make `epochs` epochs; one per epoch unless the method counts otherwise.
+        A plan other than the default needs ``schedule.per: epoch`` (the lr is set once per pass)."""
+        return [TrainPass(epoch) for epoch in range(epochs)]
+
+    def train_dataset(self, train_ds, info, train_pass: TrainPass):
+        """The dataset one pass trains on (called per pass, after `prepare`): by default the data section's
+        training set; a method may return another view of the same examples (same length and order)."""
+        return train_ds
+
+    def inputs(self) -> list[str]:
+        """Files the method reads (e.g. stored labels): the workflow makes them inputs of the run's job."""
+        return []
 
     def epoch_stats(self) -> dict | None:
         """Per-epoch statistics the method gathered (logged under 'method_stats'), then reset; None if none."""

@@ -140,7 +140,7 @@ class GlobalBatchSampler(Sampler[int]):
         return iter(order.view(self.steps, self.world, self.batch_size)[:, self.rank].reshape(-1).tolist())
 
 
-def train_sampler(dataset, cfg: RunConfig, epoch: int, accelerator):
+def train_sampler(dataset, cfg: RunConfig, epoch: int, accelerator, batch_size: int | None = None):
     """The training sampler of one epoch: repeated augmentation, global batches split over the processes, or
     None (one process: the DataLoader shuffles with the (seed, epoch) generator of `make_train_loader`)."""
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -158,21 +158,50 @@ def train_sampler(dataset, cfg: RunConfig, epoch: int, accelerator):
         sampler.set_epoch(derived_seed(cfg.seed, epoch, 0, 4))
         return sampler
     if world > 1:
-        return GlobalBatchSampler(len(dataset), cfg.train.batch_size, world, rank, derived_seed(cfg.seed, epoch, 0, 1))
+        return GlobalBatchSampler(len(dataset), batch_size or cfg.train.batch_size, world, rank,
+                                  derived_seed(cfg.seed, epoch, 0, 1))
     return None
 
 
-def make_train_loader(dataset, cfg: RunConfig, epoch: int, accelerator) -> DataLoader:
-    """A loader whose order and worker seeds depend only on (seed, epoch): resumable at epoch bounds."""
-    sampler = train_sampler(dataset, cfg, epoch, accelerator)
+def make_train_loader(dataset, cfg: RunConfig, epoch: int, accelerator, batch_size: int | None = None) -> DataLoader:
+    """A loader whose order and worker seeds depend only on (seed, epoch): resumable at epoch bounds.
+    `batch_size` overrides train.batch_size (a method's pass plan, `TrainPass.batch_size`)."""
+    sampler = train_sampler(dataset, cfg, epoch, accelerator, batch_size)
     # the generator gives the workers' base seed (and the order, in one process): per process, so every process
     # augments with its own stream as DeiT and timm seed theirs (seed + rank); one process keeps rank 0's
     generator = torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, accelerator.process_index, 1))
     return DataLoader(
-        dataset, batch_size=cfg.train.batch_size, shuffle=sampler is None and cfg.data.shuffle, sampler=sampler,
+        dataset, batch_size=batch_size or cfg.train.batch_size, shuffle=sampler is None and cfg.data.shuffle,
+        sampler=sampler,
         generator=generator, num_workers=cfg.data.num_workers, drop_last=True,
         pin_memory=torch.cuda.is_available(), persistent_workers=False,
     )
+
+
+def pass_plan(method, train_ds, cfg: RunConfig, accelerator, steps_per_epoch: int) -> tuple[list, list[int]]:
+    """The method's passes over the data (`Method.passes`) and the batches of each.
+
+    The default plan is one pass per epoch with ``steps_per_epoch`` batches each. Another plan (FKD: a pass with n
+    crops per image counts n epochs) sets the lr once per pass, so it needs ``schedule.per: epoch``; its batches
+    follow each pass's batch size (capped by train.max_steps_per_epoch), and it reads the DataLoader path."""
+    plan = method.passes(cfg.train.epochs, cfg.train.batch_size)
+    if [(p.epoch, p.epochs, p.batch_size) for p in plan] == [(e, 1, None) for e in range(cfg.train.epochs)]:
+        return plan, [steps_per_epoch] * len(plan)
+    if cfg.schedule.per != "epoch":
+        raise ReproError(f"method {method.name!r} counts its passes over the data as several epochs and sets the lr "
+                         "once per pass: set schedule.per=epoch.")
+    if cfg.data.device_cache:
+        raise ReproError(f"method {method.name!r} trains on its own view of the data; set data.device_cache=false.")
+    steps = []
+    for p in plan:
+        batch = p.batch_size or cfg.train.batch_size
+        sampler = train_sampler(train_ds, cfg, p.epoch, accelerator, batch)
+        n = (len(sampler) if sampler is not None else len(train_ds)) // batch
+        if n == 0:
+            raise ReproError(f"method {method.name!r} loads {batch} examples per batch in the pass at epoch {p.epoch}, "
+                             f"more than the {len(train_ds)} training examples: lower train.batch_size.")
+        steps.append(min(n, cfg.train.max_steps_per_epoch) if cfg.train.max_steps_per_epoch else n)
+    return plan, steps
 
 
 def optimisation_step(accelerator, model, optimizer, method, batch, ctx: StepContext, clip_grad=None) -> dict:
@@ -555,6 +584,7 @@ def _train_locked(cfg: RunConfig, out: Path, command: str, on_change: str, accel
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
     updates_per_epoch = max(1, steps_per_epoch // cfg.train.grad_accum)
+    plan, pass_steps = pass_plan(method, train_ds, cfg, accelerator, steps_per_epoch)
 
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, updates_per_epoch)
@@ -611,11 +641,15 @@ def _train_locked(cfg: RunConfig, out: Path, command: str, on_change: str, accel
         (out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
 
     epochs = cfg.train.epochs
-    total_steps = epochs * steps_per_epoch
+    total_steps = sum(pass_steps)
     started = time.time()
-    bar = tqdm(range(start_epoch, epochs), desc=f"{cfg.experiment or 'run'}/{method.name}/seed{cfg.seed}",
-               initial=start_epoch, total=epochs, unit="epoch", disable=not main, dynamic_ncols=True)
-    for epoch in bar:
+    # the method's passes over the data (one per epoch unless it counts otherwise); a checkpoint ends a pass
+    first = next((k for k, p in enumerate(plan) if p.epoch >= start_epoch), len(plan))
+    bar = tqdm(range(first, len(plan)), desc=f"{cfg.experiment or 'run'}/{method.name}/seed{cfg.seed}",
+               initial=first, total=len(plan), unit="epoch", disable=not main, dynamic_ncols=True)
+    for k in bar:
+        train_pass, steps_per_epoch = plan[k], pass_steps[k]
+        epoch, stop = train_pass.epoch, train_pass.stop
         # every stream is drawn per process (as DeiT and timm seed seed + rank): each process mixes, drops paths
         # and augments with its own draws; the data order alone is shared (GlobalBatchSampler)
         seed_globals(derived_seed(cfg.seed, epoch, accelerator.process_index, 2))
@@ -625,10 +659,11 @@ def _train_locked(cfg: RunConfig, out: Path, command: str, on_change: str, accel
         if device_loader is not None:
             loader = device_loader.epoch(torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, 0, 1)))
         else:
-            loader = make_train_loader(train_ds, cfg, epoch, accelerator)
+            loader = make_train_loader(method.train_dataset(train_ds, info, train_pass), cfg, epoch, accelerator,
+                                       train_pass.batch_size)
         sums, count, t0 = {}, 0, time.time()
         steps = tqdm(loader, total=steps_per_epoch, leave=False, disable=not main, unit="batch",
-                     desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True)
+                     desc=f"epoch {stop}/{epochs}", dynamic_ncols=True)
         for i, (inputs, targets) in enumerate(steps):
             if i >= steps_per_epoch:
                 break
@@ -636,7 +671,7 @@ def _train_locked(cfg: RunConfig, out: Path, command: str, on_change: str, accel
             if cfg.train.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             targets = targets.to(accelerator.device, non_blocking=True)
-            step = epoch * steps_per_epoch + i
+            step = sum(pass_steps[:k]) + i
             ctx = StepContext(epoch=epoch, step=step, progress=step / max(1, total_steps), generator=generator)
             result = optimisation_step(accelerator, model, optimizer, method, (inputs, targets), ctx,
                                        cfg.train.clip_grad)
@@ -657,13 +692,15 @@ def _train_locked(cfg: RunConfig, out: Path, command: str, on_change: str, accel
                     steps.set_postfix(loss=f"{float(loss_sum) / (count * world):.3f}")
         steps.close()
         sums = reduce_sums(accelerator, sums)  # the epoch's training scalars averaged over every process's steps
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": round(time.time() - t0, 3)}
+        row = {"epoch": stop, "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": round(time.time() - t0, 3)}
+        if train_pass.epochs != 1:
+            row["pass_epochs"] = train_pass.epochs
         row.update({f"train_{k}": float(v) / max(1, count * world) for k, v in sums.items()})
         stats = method.epoch_stats()  # the main process's own (the log is written by it)
         if stats:
             row["method_stats"] = stats
-        last = epoch + 1 == epochs
-        if last or (epoch + 1) % cfg.train.eval_every == 0:
+        last = k + 1 == len(plan)
+        if last or stop // cfg.train.eval_every > epoch // cfg.train.eval_every:
             outputs = {}
             for split, eval_loader in eval_loaders.items():
                 split_metrics, logits, labels = evaluate(model, eval_loader, accelerator, info.task)
@@ -690,13 +727,13 @@ def _train_locked(cfg: RunConfig, out: Path, command: str, on_change: str, accel
                 f"{split}: " + " ".join(f"{k} {v:.4g}" for k, v in _split_metrics(row, split).items()
                                         if k in SHOWN)
                 for split in eval_loaders if f"{split}_{PRIMARY[info.task][0]}" in row)
-            tqdm.write(f"epoch {epoch + 1:>4}/{epochs}  lr {row['lr']:.4g}  loss {row.get('train_loss', 0):.4f}  "
+            tqdm.write(f"epoch {stop:>4}/{epochs}  lr {row['lr']:.4g}  loss {row.get('train_loss', 0):.4f}  "
                        f"{shown}  ({row['epoch_time_s']:.1f} s)")
-        if last or (epoch + 1) % cfg.train.checkpoint_every == 0:
+        if last or stop // cfg.train.checkpoint_every > epoch // cfg.train.checkpoint_every:
             accelerator.wait_for_everyone()
             if main:
                 save_checkpoint(ckpt_path, {
-                    "config_hash": digest, "world_size": world, "epoch": epoch + 1, "updates": updates,
+                    "config_hash": digest, "world_size": world, "epoch": stop, "updates": updates,
                     "history": history,
                     "model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),

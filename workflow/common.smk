@@ -1,5 +1,6 @@
 # Helper functions for the rules: grid expansion, paths and resources. The logic lives in
 # common/workflow.py (importable and tested); these are thin, named wrappers Snakemake can call.
+import functools
 import glob
 import os
 import shlex
@@ -91,6 +92,24 @@ def train_config_hash(wildcards):
     # a param: Snakemake reruns a finished run only when its resolved config changes
     return grid.run_config_hash(wildcards.paper, wildcards.scale, wildcards.experiment,
                                 wildcards.method, int(wildcards.seed))
+
+
+@functools.lru_cache(maxsize=None)
+def _method_inputs(paper, scale, experiment, method):
+    from common.config import load_config
+    from common.methods import build_method
+
+    cfg = load_config(grid.config_path(paper, scale, experiment), method_label=method)
+    return tuple(build_method(cfg.method, num_classes=2, label_smoothing=cfg.train.label_smoothing).inputs())
+
+
+def train_inputs(wildcards):
+    """Files the run's method declares it reads (`Method.inputs`). A finished run is not retrained because they
+    are absent here (a fresh clone with committed results); when they exist and are newer, it is."""
+    files = _method_inputs(wildcards.paper, wildcards.scale, wildcards.experiment, wildcards.method)
+    metrics = grid.Run(wildcards.paper, wildcards.scale, wildcards.experiment, wildcards.method,
+                       int(wildcards.seed)).metrics
+    return list(files) if not os.path.exists(metrics) else [f for f in files if os.path.exists(f)]
 
 
 def _resource(wildcards, key):

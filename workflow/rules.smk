@@ -5,6 +5,9 @@
 rule train:
     # Declared output is metrics.json, written last; the checkpoint/ beside it is not an output, so a
     # killed job keeps it and resumes when the workflow runs again.
+    input:
+        # files the run's method reads (Method.inputs, e.g. FKD's stored region labels): built first
+        train_inputs,
     output:
         "results/{paper}/{scale}/{experiment}/{method}/seed{seed}/metrics.json",
     conda:
@@ -89,6 +92,7 @@ rule mixed_examples:
     shell:
         "{PYTHON:q} -m common.report examples --paper {wildcards.paper:q} --scale {wildcards.scale:q} "
         "> {log:q} 2>&1"
+
 
 rule claims_forest:
     # one paper's claims at one scale: our gain with its 95% interval beside the paper's (common/claims.py)

@@ -16,6 +16,9 @@ K = 10
 # (MixPro's defaults are ImageNet's 56-px cells on 14-px patches) or its own model (SMMix's token head)
 SMALL_IMAGE_OPTIONS = {"maskmix": {"mask_size": 8, "patch_size": 4}, "mixpro": {"mask_size": 8, "patch_size": 4}}
 IMAGE_MODEL = {"smmix": "smmix_vit_tiny_patch4_32"}
+# methods that train on stored data of their own (FKD's region labels, (B, n, C, H, W) batches) bring a setup
+# returning (method, model, batch)
+OWN_SETUP = {"fkd": "papers.ferkd.testing"}
 
 
 def classification_setup(name=None):
@@ -43,6 +46,10 @@ def regression_setup(name=None):
 
 def prepared(name):
     """Build `name` for the task it supports (classification first, else regression)."""
+    if name in OWN_SETUP:
+        import importlib
+
+        return importlib.import_module(OWN_SETUP[name]).contract_setup(K)
     for setup in (classification_setup, regression_setup):
         model, batch, dataset, info = setup(name)
         options = {"name": name, **(SMALL_IMAGE_OPTIONS.get(name, {}) if info.task == "classification" else {})}

@@ -1,0 +1,204 @@
+"""Teachers for distillation papers: safe loading of pickled files, and a frozen teacher from a run or a checkpoint.
+
+A teacher is either
+
+* a **run folder** of the shared trainer (``results/<paper>/<scale>/<experiment>/<method>/seed<k>/``): the
+  pipeline trains it like any other run (an experiment config with ``method: erm``), and `load_teacher_run`
+  rebuilds its model from the run's ``config.yaml`` and the weights of ``checkpoint/last.pt``; or
+* **any timm model plus a local checkpoint** (`load_teacher_checkpoint`): nothing is downloaded at run time.
+
+Every file is read with ``torch.load(..., weights_only=True)``: a pickle can name any Python callable, and
+``weights_only`` refuses all but tensors, plain containers and an explicit allow-list (`safe_load`). The
+allow-lists here name only the NumPy pieces an array or a NumPy RNG state needs.
+
+Shared by FerKD/FKD (`papers/ferkd`) and meant for other distillation papers (MEAL V2): nothing here is
+paper-specific.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.errors import ReproError
+
+try:  # NumPy >= 2 keeps the array machinery in numpy._core; files pickled by NumPy 1 name numpy.core
+    from numpy._core import multiarray as _multiarray
+except ImportError:  # pragma: no cover - NumPy 1
+    from numpy.core import multiarray as _multiarray
+
+_RECONSTRUCT = _multiarray._reconstruct
+
+# What unpickling a NumPy array needs: the array class, the dtype and its concrete class (rebuilt by BUILD),
+# and the reconstructor under both of its names (files written by NumPy 1 say numpy.core.multiarray).
+NUMPY_ARRAY_GLOBALS: tuple = (
+    np.ndarray,
+    np.dtype,
+    _RECONSTRUCT,
+    (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
+)
+
+
+def numpy_dtype_globals(*dtypes: Any) -> tuple:
+    """The dtype classes of `dtypes` (e.g. np.float32), for an allow-list."""
+    return tuple(type(np.dtype(d)) for d in dtypes)
+
+
+# The trainer's checkpoint/last.pt: tensors and plain containers, plus NumPy's RNG state (a uint32 array) and
+# NumPy float scalars that can reach the logged history.
+TRAINER_CHECKPOINT_GLOBALS: tuple = (
+    *NUMPY_ARRAY_GLOBALS,
+    *numpy_dtype_globals(np.uint32, np.float64, np.float32, np.int64),
+    _multiarray.scalar,
+)
+
+
+def safe_load(path: str | Path, allowed: Sequence = (), what: str = "file") -> Any:
+    """``torch.load(path, weights_only=True)`` with `allowed` (and nothing else) added to the allow-list.
+
+    Args:
+        path: the file.
+        allowed: classes and functions the file may name, as `torch.serialization.safe_globals` takes them
+            (an object, or ``(object, "module.name")`` for a legacy name).
+        what: what the file is, for the messages.
+
+    Returns:
+        The loaded object, on the CPU.
+
+    Raises:
+        ReproError: the file is missing, or names anything outside the allow-list (it is then not run).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ReproError(f"{what} {path} does not exist.")
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = str(err).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        raise ReproError(
+            f"refusing to load {what} {path}: it names something outside the allow-list of plain tensors and "
+            f"NumPy arrays ({detail[0] if detail else err}). Loading it could run arbitrary code; if it should "
+            "hold only arrays, it is corrupt or was not written by the expected tool."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ReproError(f"cannot read {what} {path} ({type(err).__name__}: {err}); re-copy it.") from None
+
+
+@dataclass
+class Teacher:
+    """A frozen teacher in eval mode and what its inputs must look like.
+
+    Attributes:
+        model: the network (eval mode, no gradients).
+        image_size: the side its inputs are resized to (None: the caller's choice).
+        mean, std: per-channel normalisation of its inputs.
+        description: where it came from (for provenance).
+    """
+
+    model: nn.Module
+    image_size: int | None
+    mean: tuple
+    std: tuple
+    description: str
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradients: a teacher's BatchNorm statistics and weights never change."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def _strip_prefix(state: dict) -> dict:
+    """Drop the ``module.`` prefix DataParallel/DDP checkpoints carry (the official FKD teachers have it)."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _load_weights(model: nn.Module, state: dict, origin: str) -> None:
+    try:
+        model.load_state_dict(_strip_prefix(state))
+    except RuntimeError as err:
+        raise ReproError(f"the weights in {origin} do not fit the model ({str(err).splitlines()[0]}); check the "
+                         "teacher's model name, num_classes and model kwargs.") from None
+
+
+def load_teacher_run(run_dir: str | Path, use_ema: bool = False) -> tuple[Teacher, Any]:
+    """The model of a finished run of the shared trainer, frozen, and the run's resolved config.
+
+    Args:
+        run_dir: the run folder (with ``config.yaml``, ``metrics.json`` and ``checkpoint/last.pt``).
+        use_ema: take the EMA weights (the run must have trained with ``train.ema_decay``).
+
+    Returns:
+        ``(teacher, cfg)``: the teacher (its normalisation and size from the run's data recipe) and the run's
+        `RunConfig`.
+    """
+    from common.config import load_config
+    from common.data import build_splits
+    from common.models import build_model
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.json").is_file():
+        raise ReproError(f"teacher run {run_dir} has not finished (no metrics.json); train it first (the workflow "
+                         "does: its train job is an input of the labelling jobs).")
+    checkpoint = run_dir / "checkpoint" / "last.pt"
+    if not checkpoint.is_file():
+        raise ReproError(f"teacher run {run_dir} has no {checkpoint.relative_to(run_dir)} on this machine "
+                         "(checkpoints are not committed): delete its metrics.json and run the workflow again to "
+                         "retrain it here.")
+    cfg = load_config(run_dir / "config.yaml")
+    state = safe_load(checkpoint, TRAINER_CHECKPOINT_GLOBALS, what="teacher checkpoint")
+    weights = state.get("ema") if use_ema else state.get("model")
+    if weights is None:
+        raise ReproError(f"{checkpoint} holds no {'EMA ' if use_ema else ''}model weights.")
+    d = cfg.data
+    # the run's own data recipe decides the teacher's normalisation and input size
+    _, _, _, info = build_splits(d.name, root=d.root, recipe=d.recipe, allow_download=False, image_size=d.image_size)
+    model = build_model(cfg.model.name, num_classes=info.num_classes, **cfg.model.kwargs)
+    _load_weights(model, weights, str(checkpoint))
+    teacher = Teacher(freeze(model), info.image_size, tuple(info.mean), tuple(info.std),
+                      f"run:{run_dir} ({cfg.model.name}, {cfg.data.name}/{info.recipe})")
+    return teacher, cfg
+
+
+def load_teacher_checkpoint(model_name: str, checkpoint: str | Path, num_classes: int, image_size: int | None,
+                            mean: Sequence[float], std: Sequence[float], model_kwargs: dict | None = None) -> Teacher:
+    """Any timm model (or one of ours registered in timm) with the weights of a local checkpoint, frozen.
+
+    Args:
+        model_name: timm name, e.g. ``tf_efficientnet_l2_ns_475``; built with ``pretrained=False``.
+        checkpoint: a ``torch.save`` of the state dict, or of a dict holding it under ``state_dict`` or
+            ``model`` (``module.`` prefixes are dropped); read with ``weights_only=True``.
+        num_classes: the classifier size.
+        image_size: the teacher's input side.
+        mean, std: its input normalisation.
+        model_kwargs: more arguments for `timm.create_model`.
+    """
+    from common.models import build_model
+
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise ReproError(f"teacher checkpoint {path} does not exist; put the teacher's weights there (nothing is "
+                         "downloaded at run time) or change the label config's teacher.checkpoint.")
+    state = safe_load(path, NUMPY_ARRAY_GLOBALS, what="teacher checkpoint")
+    if isinstance(state, dict):
+        for key in ("state_dict", "model", "state_dict_ema"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict):
+        raise ReproError(f"{path} holds a {type(state).__name__}, not a state dict.")
+    model = build_model(model_name, num_classes=num_classes, **(model_kwargs or {}))
+    _load_weights(model, state, str(path))
+    return Teacher(freeze(model), image_size, tuple(mean), tuple(std), f"checkpoint:{path} ({model_name})")
