@@ -595,3 +595,73 @@ def test_trainer_runs_the_fkd_pass_plan_end_to_end(tmp_path, monkeypatch):
             "train.batch_size=20", "schedule.per=step"]],
             f"method={{name: fkd, n_crops: 2, labels: {tmp_path / 'labels' / 'teacher' / 'manifest.json'}}}"]),
             tmp_path / "run2", command="test")
+
+
+def test_published_per_image_files_import_into_shards(tmp_path):
+    """The official layout <softlabel_path>/<split>/<class>/<stem>.tar, keyed by image path, read safely."""
+    from papers.ferkd import regions
+    from papers.ferkd.labels import load_label_set
+
+    rng = np.random.default_rng(0)
+    expected = {}
+    for split in ("train", "val"):
+        for wnid in ("n01", "n02"):
+            folder = tmp_path / "imagenet" / split / wnid
+            folder.mkdir(parents=True)
+            for stem in ("a", "b"):
+                Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"{stem}.JPEG")
+                if split == "train":
+                    boxes = rng.random((5, 4)).astype(np.float32)
+                    labels = quantize_soft_labels(distinct_probs(5, 3, seed=len(expected)), "smoothing")
+                    write_official_file(tmp_path / "soft" / "imagenet" / "train" / wnid / f"{stem}.tar", boxes,
+                                        rng.random(5) < 0.5, labels)
+                    expected[(wnid, stem)] = (boxes, labels)
+    config = tmp_path / "paper.yaml"
+    config.write_text(f"out_dir: {tmp_path / 'out'}\ndata: {{name: imagenet, root: {tmp_path / 'imagenet'}, "
+                      f"allow_download: false}}\nsource: published\npublished: {tmp_path / 'soft' / 'imagenet'}\n"
+                      "label_type: smoothing\nshards: 2\n")
+    cfg = regions.load_labelset_config(config)
+    for shard in range(2):
+        regions.import_shard(cfg, shard)
+    regions.gather(cfg)
+    labels, manifest = load_label_set(tmp_path / "out" / "teacher" / "manifest.json")
+    assert manifest["num_images"] == 4 and manifest["label_type"] == "smoothing"
+    order = [("n01", "a"), ("n01", "b"), ("n02", "a"), ("n02", "b")]  # ImageFolder's order
+    for row, key in enumerate(order):
+        rows = slice(labels.offsets[row], labels.offsets[row + 1])
+        assert np.array_equal(labels.boxes[rows], expected[key][0])
+        assert np.array_equal(labels.labels[rows], expected[key][1])
+    assert np.array_equal(labels.target, [0, 0, 1, 1])
+    # a missing file names the path the official trainer would have looked for
+    (tmp_path / "soft" / "imagenet" / "train" / "n02" / "b.tar").unlink()
+    cfg.out_dir = str(tmp_path / "out2")
+    with pytest.raises(ReproError, match=r"n02/b\.tar"):
+        regions.import_shard(cfg, 1)
+
+
+def test_adapt_job_writes_the_rewrite_and_its_group_fractions(tmp_path):
+    from papers.ferkd import regions
+    from papers.ferkd.labels import load_label_set
+
+    labels = make_label_set(n_images=10, regions=8, seed=3)
+    config = tmp_path / "labels.yaml"
+    config.write_text(f"out_dir: {tmp_path}\ndata: {{name: cifar10-mini}}\nlabel_type: marginal_smoothing_k5\n"
+                      "adapted:\n  rule: {t_low: 0.05, t_mid: 0.15, t_high: 0.5, eps: 0.2, min_regions: 2, "
+                      "on_too_few: restore}\n")
+    cfg = regions.load_labelset_config(config)
+    labels.save(tmp_path / "teacher" / "shard_00000.npz")
+    write_manifest(tmp_path / "teacher", [tmp_path / "teacher" / "shard_00000.npz"],
+                   {"label_type": "marginal_smoothing_k5", "num_classes": 10, "dataset": "toy", "num_images": 10,
+                    "regions": {}, "use_fp16": False})
+    regions.adapt(cfg, "rule")
+    adapted, manifest = load_label_set(tmp_path / "adapted" / "rule" / "manifest.json")
+    rows = labels.image_of_rows()
+    keep, expected, groups, restored = adapt_region_labels(
+        labels.labels, labels.target[rows], 10, 0.05, 0.15, 0.5, 0.2, image=rows, min_regions=2,
+        on_too_few="restore", return_groups=True)
+    assert np.array_equal(adapted.labels, expected[keep]) and np.array_equal(adapted.region, labels.region[keep])
+    stats = manifest["stats"]
+    for i, group in enumerate(GROUPS):
+        assert stats[group] == pytest.approx(np.mean(groups == i))
+    assert stats["kept"] == pytest.approx(keep.mean()) and stats["restored"] == pytest.approx(restored / len(keep))
+    assert manifest["source"]["teacher_set"]
