@@ -60,15 +60,45 @@ def load_experiment(paper: str, scale: str, experiment: str, root: Path = REPO_R
     return yaml.safe_load(config_path(paper, scale, experiment, root).read_text()) or {}
 
 
+SEEDS_HELP = "give a count (seeds=3 runs seeds 0, 1, 2) or whole seeds >= 0 (seeds=0,4 or seeds=[0,4])"
+
+
 def parse_seeds(seeds) -> list[int] | None:
-    """--config seeds=3 (first three), seeds=0,1,4 or seeds=[0,1]; None keeps each config's own seeds."""
+    """--config seeds=3 (first three), seeds=0,1,4 or seeds=[0,1]; None keeps each config's own seeds.
+
+    Snakemake hands over an int, a string, or a list of strings (``seeds=[0,1]``); anything that is not whole
+    numbers >= 0 is one ReproError naming the value, before any job starts."""
     if seeds is None or seeds == "":
         return None
+    if isinstance(seeds, bool):  # True is an int to Python; no one means one seed by it
+        raise ReproError(f"--config seeds={seeds} is not a seed list: {SEEDS_HELP}.")
     if isinstance(seeds, int):
+        if seeds < 0:
+            raise ReproError(f"--config seeds={seeds} is a negative count: {SEEDS_HELP}.")
         return list(range(seeds))
-    if isinstance(seeds, str):
-        return [int(s) for s in seeds.replace("[", "").replace("]", "").split(",") if s.strip()]
-    return [int(s) for s in seeds]
+    items = seeds.replace("[", "").replace("]", "").split(",") if isinstance(seeds, str) else list(seeds)
+    chosen = []
+    for item in items:
+        text = str(item).strip()
+        if text == "" and isinstance(seeds, str):
+            continue
+        if isinstance(item, bool) or not text.isdigit():  # isdigit: no sign, no decimal point
+            raise ReproError(f"--config seeds={seeds}: {text!r} is not a seed; {SEEDS_HELP}.")
+        chosen.append(int(text))
+    return chosen
+
+
+def parse_flag(value, key: str) -> bool:
+    """A yes/no workflow option as users write it: true/false (the README's spelling, which Snakemake passes as a
+    string), True/False (which it turns into booleans) or 1/0; anything else is a ReproError naming the key."""
+    if isinstance(value, bool):
+        return value
+    spelled = str(value).strip()
+    if spelled in ("true", "True", "1"):
+        return True
+    if spelled in ("false", "False", "0"):
+        return False
+    raise ReproError(f"--config {key}={value} is not a yes/no value: use {key}=true or {key}=false.")
 
 
 def runs(paper: str, scale: str, seeds=None, root: Path = REPO_ROOT) -> list[Run]:

@@ -26,7 +26,8 @@ PYTHON = "python" if _ISOLATED else sys.executable
 
 SCALE = config["scale"]
 SEEDS = config.get("seeds") or None
-TRAIN = bool(config.get("train", True))
+grid.parse_seeds(SEEDS)  # a bad seed list fails here, once, before any rule is expanded
+TRAIN = grid.parse_flag(config.get("train", True), "train")  # bool("false") would be True
 PACK = int(config.get("pack", 1))
 PAPERS = grid.papers()
 
