@@ -77,6 +77,16 @@ def curves_inputs(wildcards):
     return grid_metrics(wildcards.paper, {wildcards.experiment})
 
 
+def mixed_examples_inputs(wildcards):
+    """What the mixed-examples figure reads: the paper's experiment configs at that scale (each method's
+    options) and the committed CIFAR-10 sample whose test images it mixes (common.plots.plot_mixed_examples)."""
+    from common.data import CIFAR10_MINI_DIR
+
+    configs = [str(grid.config_path(wildcards.paper, wildcards.scale, experiment))
+               for experiment in grid.experiments(wildcards.paper, wildcards.scale)]
+    return configs + [str(CIFAR10_MINI_DIR / "test.parquet")]
+
+
 def paper_targets(paper):
     """Every table and figure of one paper at the chosen scale."""
     targets = [f"reports/{paper}/{SCALE}/{table}.md" for table in table_ids(paper)]

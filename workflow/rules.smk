@@ -76,6 +76,8 @@ rule curves:
 
 
 rule mixed_examples:
+    input:
+        mixed_examples_inputs,
     output:
         png=report(
             "figures/{paper}/{scale}/mixed_examples.png",
