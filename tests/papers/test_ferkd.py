@@ -525,8 +525,8 @@ def test_label_shards_are_restartable_and_skip_finished_work(tmp_path, monkeypat
     from papers.ferkd import regions
 
     config = tmp_path / "labels.yaml"
-    config.write_text(f"out_dir: {tmp_path / 'labels'}\ndata: {{name: cifar10-mini}}\nregions: {{count: 4, seed: 0}}\n"
-                      "label_type: marginal_smoothing_k5\nshards: 3\nbatch_images: 50\n"
+    config.write_text(f"out_dir: {tmp_path / 'labels'}\ndata: {{name: cifar10-mini}}\nregions: {{count: 2, seed: 0}}\n"
+                      "label_type: marginal_smoothing_k5\nshards: 12\nbatch_images: 50\n"
                       "teacher: {model: resnet20_cifar, checkpoint: unused, image_size: 32}\n")
     cfg = regions.load_labelset_config(config)
     calls = []
@@ -543,7 +543,7 @@ def test_label_shards_are_restartable_and_skip_finished_work(tmp_path, monkeypat
     monkeypatch.setattr(regions, "resolve_teacher", fake_teacher)
     first = regions.generate_shard(cfg, 1)
     part = RegionLabels.load(first)
-    assert np.array_equal(part.image, np.arange(333, 666)) and part.offsets[-1] == 333 * 4
+    assert np.array_equal(part.image, np.arange(83, 166)) and part.offsets[-1] == 83 * 2
     before = first.stat().st_mtime_ns
     regions.generate_shard(cfg, 1)  # finished: skipped without loading the teacher
     assert len(calls) == 1 and first.stat().st_mtime_ns == before
@@ -569,7 +569,7 @@ def test_trainer_runs_the_fkd_pass_plan_end_to_end(tmp_path, monkeypatch):
     from papers.ferkd import regions
 
     config = tmp_path / "labels.yaml"
-    config.write_text(f"out_dir: {tmp_path / 'labels'}\ndata: {{name: cifar10-mini}}\nregions: {{count: 3}}\n"
+    config.write_text(f"out_dir: {tmp_path / 'labels'}\ndata: {{name: cifar10-mini}}\nregions: {{count: 2}}\n"
                       "label_type: marginal_smoothing_k5\nshards: 1\nbatch_images: 250\n")
     cfg = regions.load_labelset_config(config)
     torch.manual_seed(0)
@@ -579,7 +579,8 @@ def test_trainer_runs_the_fkd_pass_plan_end_to_end(tmp_path, monkeypatch):
     regions.gather(cfg)
     run_cfg = load_config(None, [
         "data.name=cifar10-mini", "data.num_workers=0", "model.name=resnet20_cifar", "train.epochs=6",
-        "train.batch_size=20", "train.max_steps_per_epoch=1", "schedule.per=epoch", "optim.lr=0.1",
+        "train.batch_size=20", "train.max_steps_per_epoch=1", "train.eval_every=6", "schedule.per=epoch",
+        "optim.lr=0.1",
         f"method={{name: fkd, n_crops: 2, labels: {tmp_path / 'labels' / 'teacher' / 'manifest.json'}}}"])
     out = tmp_path / "run"
     train(run_cfg, out, command="test")
