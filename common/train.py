@@ -218,6 +218,12 @@ def optimisation_step(accelerator, model, optimizer, method, batch, ctx: StepCon
     return result
 
 
+def show_progress_bars(main: bool) -> bool:
+    """tqdm bars on the main process, and only when stderr is a terminal: in a job log (Snakemake, SLURM) every
+    redraw would be one more line. The one line per epoch (`tqdm.write`, to stdout) is printed either way."""
+    return main and sys.stderr.isatty()
+
+
 def check_finite(loss_sum, epoch: int, batch: int, optimizer, out: Path) -> None:
     """Stop on a NaN/inf loss (checked on the running sum, so a bad batch anywhere since the last check shows)."""
     value = float(loss_sum)
@@ -646,7 +652,8 @@ def _train_locked(cfg: RunConfig, out: Path, command: str, on_change: str, accel
     # the method's passes over the data (one per epoch unless it counts otherwise); a checkpoint ends a pass
     first = next((k for k, p in enumerate(plan) if p.epoch >= start_epoch), len(plan))
     bar = tqdm(range(first, len(plan)), desc=f"{cfg.experiment or 'run'}/{method.name}/seed{cfg.seed}",
-               initial=first, total=len(plan), unit="epoch", disable=not main, dynamic_ncols=True)
+               initial=first, total=len(plan), unit="epoch", disable=not show_progress_bars(main),
+               dynamic_ncols=True)
     for k in bar:
         train_pass, steps_per_epoch = plan[k], pass_steps[k]
         epoch, stop = train_pass.epoch, train_pass.stop
@@ -662,7 +669,7 @@ def _train_locked(cfg: RunConfig, out: Path, command: str, on_change: str, accel
             loader = make_train_loader(method.train_dataset(train_ds, info, train_pass), cfg, epoch, accelerator,
                                        train_pass.batch_size)
         sums, count, t0 = {}, 0, time.time()
-        steps = tqdm(loader, total=steps_per_epoch, leave=False, disable=not main, unit="batch",
+        steps = tqdm(loader, total=steps_per_epoch, leave=False, disable=not show_progress_bars(main), unit="batch",
                      desc=f"epoch {stop}/{epochs}", dynamic_ncols=True)
         for i, (inputs, targets) in enumerate(steps):
             if i >= steps_per_epoch:
