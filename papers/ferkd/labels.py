@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -190,14 +192,20 @@ class RegionLabels:
         return file_sha256(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> RegionLabels:
+    def load(cls, path: str | Path, mmap: bool = False) -> RegionLabels:
+        """One shard; with `mmap`, its per-region arrays are memory-mapped (read from disk on access, shared
+        by every process and DataLoader worker through the page cache) and only the per-image ones are read."""
         path = Path(path)
         if not path.is_file():
             raise ReproError(f"label shard {path} is missing; rerun the workflow to regenerate it.")
         try:
+            if mmap:
+                arrays = _mmap_npz(path)
+                return cls(**{f.name: np.array(arrays[f.name]) if f.name in PER_IMAGE else arrays[f.name]
+                              for f in fields(cls)})
             with np.load(path, allow_pickle=False) as data:
                 return cls(**{f.name: data[f.name] for f in fields(cls)})
-        except (KeyError, ValueError, OSError) as err:
+        except (KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
             raise ReproError(f"cannot read label shard {path} ({err}); delete it and rerun the workflow.") from None
 
     @classmethod
@@ -210,6 +218,71 @@ class RegionLabels:
                      for name in ("image", "target")), np.concatenate(offsets),
                    *(np.concatenate([getattr(p, name) for p in parts])
                      for name in ("boxes", "flips", "labels", "region")))
+
+
+PER_IMAGE = ("image", "target", "offsets")  # small arrays, one row per image; the others have one per region
+
+
+def _mmap_npz(path: Path) -> dict[str, np.ndarray]:
+    """Memory-map every member of an uncompressed .npz (what `RegionLabels.save` writes): each member is a .npy
+    stored as is inside the zip, so its data starts at a fixed offset of the file."""
+    arrays = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as fh:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"member {info.filename} is compressed and cannot be memory-mapped")
+            fh.seek(info.header_offset)
+            local = fh.read(30)  # the zip local file header; its name and extra-field lengths end it
+            name_length, extra_length = struct.unpack("<HH", local[26:30])
+            fh.seek(info.header_offset + 30 + name_length + extra_length)
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+            if dtype.hasobject:
+                raise ValueError(f"member {info.filename} holds Python objects")
+            name = info.filename.removesuffix(".npy")
+            if int(np.prod(shape)) == 0:
+                arrays[name] = np.zeros(shape, dtype)
+            else:
+                arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=fh.tell(), shape=shape,
+                                         order="F" if fortran else "C")
+    return arrays
+
+
+class ConcatRows:
+    """The rows of several arrays (memory-mapped shards) read as one array, without copying them.
+
+    Supports ``len``, ``shape``, ``dtype``, and indexing by an integer, a slice, an integer array or a boolean
+    mask (a non-integer index gives an in-memory array)."""
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        self.parts = list(parts)
+        self.starts = np.concatenate([[0], np.cumsum([len(p) for p in self.parts])]).astype(np.int64)
+        self.dtype = self.parts[0].dtype
+        self.shape = (int(self.starts[-1]), *self.parts[0].shape[1:])
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.concatenate([np.asarray(p) for p in self.parts])
+        return out if dtype is None else out.astype(dtype)
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            index = int(index) + (len(self) if index < 0 else 0)
+            k = int(np.searchsorted(self.starts, index, side="right")) - 1
+            return self.parts[k][index - self.starts[k]]
+        rows = np.arange(len(self))[index]
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        for k in np.unique(part):
+            mask = part == k
+            out[mask] = self.parts[k][rows[mask] - self.starts[k]]
+        return out
 
 
 def file_sha256(path: str | Path) -> str:
@@ -231,7 +304,7 @@ def write_manifest(folder: str | Path, shard_files: Sequence[str | Path], info: 
         file = Path(file)
         part = RegionLabels.load(file)
         shards.append({"file": file.name, "images": len(part.image), "regions": int(part.offsets[-1]),
-                       "sha256": file_sha256(file)})
+                       "bytes": file.stat().st_size, "sha256": file_sha256(file)})
     body = {"format": FORMAT, **info, "shards": shards}
     body["fingerprint"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
     tmp = folder / "manifest.json.tmp"
@@ -251,20 +324,36 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def load_label_set(path: str | Path, verify: bool = True) -> tuple[RegionLabels, dict]:
+def load_label_set(path: str | Path, verify: bool = True, mmap: bool = False) -> tuple[RegionLabels, dict]:
     """Every shard of a label set (its ``manifest.json`` path) in one `RegionLabels`, and the manifest.
 
     With `verify`, each shard's sha256 must match the manifest (a shard rewritten after the manifest is an
-    error, not a silent mix of two label sets)."""
+    error, not a silent mix of two label sets); with `mmap`, only the file sizes are compared (hashing tens of
+    GB in every training process would take minutes). With `mmap`, the per-region arrays stay on disk
+    (`ConcatRows` of memory-mapped shards): ImageNet's 500 regions per image are ~37 GB, which every training
+    process and DataLoader worker then shares instead of holding a copy."""
     path = Path(path)
     manifest = read_manifest(path)
     parts = []
     for shard in manifest["shards"]:
         file = path.parent / shard["file"]
-        if verify and file.is_file() and file_sha256(file) != shard["sha256"]:
-            raise ReproError(f"{file} changed after {path} was written; rerun the workflow to rebuild the label set.")
-        parts.append(RegionLabels.load(file))
-    labels = RegionLabels.concat(parts)
+        if verify and file.is_file():
+            if mmap:
+                wrong = file.stat().st_size != shard.get("bytes", file.stat().st_size)
+            else:
+                wrong = file_sha256(file) != shard["sha256"]
+            if wrong:
+                raise ReproError(f"{file} changed after {path} was written; rerun the workflow to rebuild the "
+                                 "label set.")
+        parts.append(RegionLabels.load(file, mmap=mmap))
+    if mmap:
+        counts = np.concatenate([p.counts for p in parts])
+        labels = RegionLabels(np.concatenate([p.image for p in parts]), np.concatenate([p.target for p in parts]),
+                              np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                              *(ConcatRows([getattr(p, name) for p in parts])
+                                for name in ("boxes", "flips", "labels", "region")))
+    else:
+        labels = RegionLabels.concat(parts)
     expected = manifest.get("num_images")
     if expected is not None and len(labels.image) != expected:
         raise ReproError(f"{path} lists {len(labels.image)} images but says num_images={expected}; rebuild it.")

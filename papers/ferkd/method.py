@@ -258,7 +258,8 @@ class FKD(Method):
         return fkd_passes(epochs, self.params.n_crops, batch_size)
 
     def prepare(self, train_ds, info) -> None:
-        labels, manifest = load_label_set(self.params.labels)
+        # memory-mapped: every process and loader worker shares the per-region arrays through the page cache
+        labels, manifest = load_label_set(self.params.labels, mmap=True)
         if manifest.get("num_classes") != info.num_classes:
             raise ReproError(f"label set {self.params.labels} has {manifest.get('num_classes')} classes, the "
                              f"dataset {info.name} {info.num_classes}.")

@@ -666,3 +666,40 @@ def test_adapt_job_writes_the_rewrite_and_its_group_fractions(tmp_path):
         assert stats[group] == pytest.approx(np.mean(groups == i))
     assert stats["kept"] == pytest.approx(keep.mean()) and stats["restored"] == pytest.approx(restored / len(keep))
     assert manifest["source"]["teacher_set"]
+
+
+def test_memory_mapped_label_set_reads_the_same_rows(tmp_path):
+    """Training reads a label set memory-mapped across its shards; every row and index form must be the same as
+    the in-memory concatenation."""
+    from papers.ferkd.labels import load_label_set
+
+    parts = [make_label_set(n_images=n, regions=r, seed=s) for n, r, s in ((3, 5, 0), (4, 5, 1), (2, 5, 2))]
+    files = []
+    start = 0
+    for k, part in enumerate(parts):
+        part.image = part.image + start
+        start += len(part.image)
+        files.append(tmp_path / f"shard_{k:05d}.npz")
+        part.save(files[-1])
+    write_manifest(tmp_path, files, {"label_type": "marginal_smoothing_k5", "num_classes": 10, "num_images": 9})
+    memory, _ = load_label_set(tmp_path / "manifest.json")
+    mapped, _ = load_label_set(tmp_path / "manifest.json", mmap=True)
+    for name in ("image", "target", "offsets"):
+        assert np.array_equal(getattr(memory, name), getattr(mapped, name))
+    rows = np.array([0, 14, 15, 16, 44, 3])
+    for name in ("boxes", "flips", "labels", "region"):
+        full, view = getattr(memory, name), getattr(mapped, name)
+        assert view.shape == full.shape and len(view) == len(full)
+        assert all(np.array_equal(full[i], view[i]) for i in range(len(full)))
+        assert np.array_equal(full[rows], view[rows]) and np.array_equal(full[10:31], view[10:31])
+        assert np.array_equal(full[full.shape[0] - 1], view[-1])
+    ds = RegionDataset(_Images(mapped.target), mapped, crops=3, size=8, mean=(0.5,) * 3, std=(0.5,) * 3,
+                       generator=torch.Generator().manual_seed(0))
+    reference = RegionDataset(_Images(memory.target), memory, crops=3, size=8, mean=(0.5,) * 3, std=(0.5,) * 3,
+                              generator=torch.Generator().manual_seed(0))
+    for i in range(9):
+        assert all(torch.equal(a, b) for a, b in zip(ds[i], reference[i], strict=True))
+    # a shard rewritten after the manifest is refused, in both modes
+    make_label_set(n_images=2, regions=6, seed=9).save(files[2])
+    with pytest.raises(ReproError, match="changed after"):
+        load_label_set(tmp_path / "manifest.json", mmap=True)
