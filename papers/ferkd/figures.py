@@ -45,7 +45,7 @@ def plot_regions(config: str, out_stem: str, stamp: str, image_position: int = 0
         message_figure(out_stem, title, f"No label set at {manifest} on this machine (label sets are not "
                        "committed); run the workflow here to build it.", stamp)
         return
-    labels, info = load_label_set(manifest, verify=False)
+    labels, info = load_label_set(manifest, verify=False, mmap=True)  # one image is read
     row = image_position
     rows = slice(int(labels.offsets[row]), int(labels.offsets[row + 1]))
     stored, gt = labels.labels[rows], np.full(rows.stop - rows.start, labels.target[row])
