@@ -15,8 +15,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "torchvision", "timm", "accelerate", "numpy", "pyyaml", "datasets", "snakemake")
 
 
+# What the workflow itself writes while runs train (other runs, tables, figures) is output, not code: a figure
+# PDF rewritten by a sibling job must not mark a run as made by uncommitted code.
+OUTPUT_PATHS = ("results", "reports", "figures")
+
+
 def git_state(root: Path = REPO_ROOT) -> dict:
-    """Commit and dirty flag of the checkout the code runs from ('unknown' outside a git checkout)."""
+    """Commit of the checkout the code runs from and whether its code differs from that commit.
+
+    ``git_dirty`` looks at tracked files outside the workflow's outputs (``results/``, ``reports/``,
+    ``figures/``); ``git_dirty_files`` names up to 20 of the changed ones. 'unknown' outside a git checkout.
+    """
 
     def git(*args):
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20, check=False)
@@ -25,8 +34,10 @@ def git_state(root: Path = REPO_ROOT) -> dict:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
             return {"git_commit": "unknown", "git_dirty": None}
-        status = git("status", "--porcelain", "--untracked-files=no")
-        return {"git_commit": head.stdout.strip(), "git_dirty": bool(status.stdout.strip())}
+        status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                     *(f":(exclude){path}" for path in OUTPUT_PATHS))
+        changed = [line[3:] for line in status.stdout.splitlines() if line.strip()]
+        return {"git_commit": head.stdout.strip(), "git_dirty": bool(changed), "git_dirty_files": changed[:20]}
     except (OSError, subprocess.TimeoutExpired):
         return {"git_commit": "unknown", "git_dirty": None}
 
