@@ -535,5 +535,8 @@ def load_trained_model(checkpoint: str | Path, cfg, num_classes: int) -> torch.n
     from common.models import build_model
 
     model = build_model(cfg.model.name, num_classes=num_classes, **cfg.model.kwargs)
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
+    from common.safeload import TRAINER_CHECKPOINT_GLOBALS, safe_load
+
+    # weights_only: a run folder copied in from another machine cannot run code when its figure is drawn
+    model.load_state_dict(safe_load(checkpoint, TRAINER_CHECKPOINT_GLOBALS, what="checkpoint")["model"])
     return model.eval()

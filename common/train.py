@@ -337,18 +337,45 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every global RNG state, in types ``torch.load(weights_only=True)`` reads without an allow-list: Python's
+    as its (version, tuple of ints, float or None), NumPy's legacy MT19937 state with its keys as a tensor."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore `rng_state()`; also takes a checkpoint written before issue #16 (NumPy's state as its tuple)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A run's checkpoint, read with ``weights_only=True`` (`common.safeload`): a run folder copied in from
+    another machine cannot run code when it is resumed. What the trainer writes is tensors and plain containers;
+    the allow-list adds only the NumPy pieces of checkpoints written before (their NumPy RNG state), so those
+    resume too. Anything else is refused, and the message says how to start the run afresh."""
+    from common.safeload import TRAINER_CHECKPOINT_GLOBALS, safe_load
+
+    try:
+        return safe_load(path, TRAINER_CHECKPOINT_GLOBALS, what="checkpoint")
+    except ReproError as err:
+        raise ReproError(f"{err} To train this run afresh instead, delete {path.parent}/ and run the same "
+                         "command again.") from None
 
 
 def write_json(path: Path, data) -> None:
@@ -469,7 +496,7 @@ def open_checkpoint(out: Path, digest: str, world_size: int, on_change: str) -> 
     ckpt_path = out / CHECKPOINT
     if not ckpt_path.exists():
         return None
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(ckpt_path)
     if state["config_hash"] == digest:
         return state
     if on_change == "restart":
@@ -625,7 +652,7 @@ def _train_locked(cfg: RunConfig, out: Path, command: str, on_change: str, accel
     if status == "resume":
         # the main process read it while deciding; the others read the same file, which no one writes before
         # the end of the first epoch (after a barrier)
-        state = main_state["checkpoint"] if main else torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = main_state["checkpoint"] if main else load_checkpoint(ckpt_path)
         main_state.clear()
         accelerator.unwrap_model(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
