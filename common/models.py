@@ -8,14 +8,15 @@ Importing this module registers, through `timm.models.register_model`, so that
   [2, 2, 2, 2] of widths 64/128/256/512, final BN + ReLU before global average pooling.
 * `resnet18_cifar`: post-activation ResNet-18 with the CIFAR stem (3x3 stride-1 conv + BN + ReLU, no
   max-pool), as kuangliu/pytorch-cifar's `ResNet18`.
-* `resnet50_cifar`: bottleneck ResNet-50 [3, 4, 6, 3] with the same CIFAR stem, as RankMixup's
-  `resnet50_cifar` (cvlab-yonsei/RankMixup `calibrate/net/resnet_mixup.py`); `resnet50_tiny` is the same
-  network for 64x64 Tiny-ImageNet with RankMixup's head: average pooling to 2x2, `fc(2048 * 4 -> 200)`.
 * `wrn28_10_cifar`: Wide-ResNet-28-10 (Zagoruyko & Komodakis, arXiv:1605.07146; layout of
   xternalz/WideResNet-pytorch): pre-activation wide blocks, widths 16/160/320/640.
 * `vit_tiny_patch4_32`, `vit_small_patch4_32`: timm `VisionTransformer`s for 32x32 inputs with 4x4
   patches (64 patch tokens + a class token).
-* `mlp_regression`: the C-Mixup tabular regressor (huaxiuyao/C-Mixup `src/models.py`, `Learner`).
+Models only one paper uses live in that paper and register from there with `register_model_once` (imported
+by `build_model`): RankMixup's `resnet50_cifar`/`resnet50_tiny` (papers/rankmixup/model.py), ResizeMix's
+Shake-Shake (papers/resizemix/model.py), C-Mixup's `mlp_regression` and `lstnet` (papers/cmixup/), SMMix's
+token-head ViTs (papers/smmix/model.py). The CNN pieces they share (`ResNetCifar`, `_PooledLinearHead`, the
+He init) stay here.
 
 None has pretrained weights, so `pretrained=True` is an error. Each entry point accepts `num_classes`
 and, where the architecture has a place for them, `drop_rate` and `drop_path_rate`; any other keyword
@@ -39,20 +40,14 @@ from common.errors import ReproError, closest
 __all__ = [
     "MODEL_NAMES",
     "BasicBlock",
-    "Bottleneck",
     "ModelArgumentError",
     "PreActBlock",
     "PreActResNet",
-    "RegressionMLP",
     "ResNetCifar",
-    "ShakeBlock",
-    "ShakeShakeCifar",
     "build_model",
+    "our_models",
+    "register_model_once",
 ]
-
-# timm files registered entry points under the last part of the defining module's name
-_TIMM_MODULE = __name__.rsplit(".", 1)[-1]
-
 
 class ModelArgumentError(ReproError, ValueError):
     """A bad argument to one of our model entry points (a ValueError the trainer reports cleanly)."""
@@ -76,7 +71,7 @@ def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 
     if not timm.is_model(name):
         hint = closest(name, timm.list_models())
-        ours = ", ".join(timm.list_models(module=_TIMM_MODULE))
+        ours = ", ".join(our_models())
         raise ReproError(
             f"unknown model {name!r}.{hint} Ours (CIFAR/regression): {ours}; any other name must be in "
             "timm.list_models()."
@@ -88,14 +83,24 @@ def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 # Entry-point plumbing
 
 
+_OURS: list[str] = []  # every name registered through register_model_once, this file's and the papers'
+
+
 def register_model_once(fn):
     """timm's `register_model`, but a clash with a model of another module is an error (timm only warns).
-    For this file and the papers' own model files (LSTNet, SMMix's ViTs)."""
+    For this file and the papers' own model files (papers/<paper>/model.py, LSTNet)."""
     name = fn.__name__
     # timm files an entry point under the last part of its module's name ('models' for this file)
     if timm.is_model(name) and name not in timm.list_models(module=fn.__module__.rsplit(".", 1)[-1]):
         raise RuntimeError(f"model name {name!r} is already registered in timm; rename ours.")
+    if name not in _OURS:
+        _OURS.append(name)
     return register_model(fn)
+
+
+def our_models() -> list[str]:
+    """The names of every model we register (common's and, once `papers` is imported, the papers')."""
+    return sorted(_OURS)
 
 
 def _entry_kwargs(
@@ -454,78 +459,6 @@ def resnet18_cifar(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Bottleneck ResNet-50 with the CIFAR stem (RankMixup's `resnet50_cifar`)
-
-
-class Bottleneck(nn.Module):
-    """Post-activation bottleneck: conv1x1-BN-ReLU, conv3x3(stride)-BN-ReLU, conv1x1(x4)-BN, add, ReLU.
-
-    As `Bottleneck_Cifar` of cvlab-yonsei/RankMixup `calibrate/net/resnet_mixup.py` (kuangliu's
-    `Bottleneck`): the stride sits on the 3x3 conv; a shape change uses a 1x1 conv + BN shortcut.
-
-    Args:
-        in_chs: Input channels.
-        planes: Bottleneck width; the block outputs `4 * planes` channels.
-        stride: Stride of the 3x3 conv and of the projection shortcut.
-        drop_path: Stochastic-depth probability of the residual branch.
-    """
-
-    expansion = 4
-
-    def __init__(self, in_chs: int, planes: int, stride: int = 1, drop_path: float = 0.0):
-        super().__init__()
-        out_chs = self.expansion * planes
-        self.conv1 = nn.Conv2d(in_chs, planes, kernel_size=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, out_chs, kernel_size=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_chs)
-        self.shortcut = nn.Identity()
-        if stride != 1 or in_chs != out_chs:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_chs, out_chs, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(out_chs)
-            )
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: (B, in_chs, H, W). Returns: (B, 4 * planes, H/stride, W/stride)."""
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = torch.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return torch.relu(self.shortcut(x) + self.drop_path(out))
-
-
-@register_model_once
-def resnet50_cifar(
-    pretrained: bool = False,
-    num_classes: int = 10,
-    in_chans: int = 3,
-    drop_rate: float = 0.0,
-    drop_path_rate: float = 0.0,
-    **kwargs: Any,
-) -> ResNetCifar:
-    """ResNet-50 with the CIFAR stem (~23.52M parameters for 10 classes), as RankMixup's `resnet50_cifar`
-    (cvlab-yonsei/RankMixup `calibrate/net/resnet_mixup.py`); `drop_rate` is head dropout."""
-    return _resnet_cifar("resnet50_cifar", Bottleneck, (3, 4, 6, 3), pretrained, kwargs, num_classes, in_chans,
-                         drop_rate, drop_path_rate)
-
-
-@register_model_once
-def resnet50_tiny(
-    pretrained: bool = False,
-    num_classes: int = 200,
-    in_chans: int = 3,
-    drop_rate: float = 0.0,
-    drop_path_rate: float = 0.0,
-    **kwargs: Any,
-) -> ResNetCifar:
-    """RankMixup's `resnet50_tiny` for 64x64 Tiny-ImageNet: `resnet50_cifar` with a 2x2-pooled head."""
-    return _resnet_cifar("resnet50_tiny", Bottleneck, (3, 4, 6, 3), pretrained, kwargs, num_classes, in_chans,
-                         drop_rate, drop_path_rate, pool_size=2)
-
-
-# ----------------------------------------------------------------------------------------------------
 # Vision Transformers for 32x32 inputs
 
 
@@ -552,185 +485,11 @@ def vit_small_patch4_32(pretrained: bool = False, **kwargs: Any) -> VisionTransf
     return _vit_32("vit_small_patch4_32", pretrained, {"embed_dim": 384, "depth": 12, "num_heads": 6}, kwargs)
 
 
-# ----------------------------------------------------------------------------------------------------
-# C-Mixup regression MLP
-
-
-class RegressionMLP(nn.Module):
-    """C-Mixup's tabular regressor: in -> 128 -> 128 -> out with LeakyReLU(0.1).
-
-    Mirrors `Learner` in huaxiuyao/C-Mixup `src/models.py` (blocks `block_1`, `block_2`, then a linear
-    head). The official manifold mixup (`Learner.forward_mixup`) mixes the output of `block_1`, so a
-    method mixing there runs `forward_head(block_2(mixed))`.
-
-    Args:
-        in_features: Input features (5 for Airfoil).
-        num_classes: Output dimension (1 for scalar regression); 0 gives the hidden features.
-        hidden_dim: Width of both hidden layers.
-        drop_rate: Dropout before the head (0 in the official code).
-    """
-
-    def __init__(
-        self, in_features: int = 5, num_classes: int = 1, hidden_dim: int = 128, drop_rate: float = 0.0
-    ):
-        super().__init__()
-        # slope 0.1, not PyTorch's default 0.01, as the official code
-        self.block_1 = nn.Sequential(nn.Linear(in_features, hidden_dim), nn.LeakyReLU(0.1))
-        self.block_2 = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.LeakyReLU(0.1))
-        self.num_classes = num_classes
-        self.num_features = self.head_hidden_size = hidden_dim
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(hidden_dim, num_classes) if num_classes > 0 else nn.Identity()
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head; `num_classes=0` leaves the hidden features. `global_pool` is ignored."""
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: (B, in_features). Returns: (B, hidden_dim) output of the last hidden layer."""
-        return self.block_2(self.block_1(x))
-
-    def forward_head(self, h: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Args: h: (B, hidden_dim) hidden features. Returns: (B, num_classes), or h if `pre_logits`."""
-        h = self.head_drop(h)
-        return h if pre_logits else self.head(h)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: (B, in_features). Returns: (B, num_classes) predictions."""
-        return self.forward_head(self.forward_features(x))
-
-
-_MLP_ARGS = ("num_classes", "in_features", "hidden_dim", "drop_rate")
-
-
-@register_model_once
-def mlp_regression(
-    pretrained: bool = False,
-    num_classes: int = 1,
-    in_features: int = 5,
-    hidden_dim: int = 128,
-    drop_rate: float = 0.0,
-    **kwargs: Any,
-) -> RegressionMLP:
-    """C-Mixup regression MLP; `num_classes` is the output dimension (1 = scalar target)."""
-    _entry_kwargs("mlp_regression", pretrained, kwargs, _MLP_ARGS)
-    return RegressionMLP(in_features, num_classes, hidden_dim, drop_rate)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Shake-Shake (Gastaldi, arXiv:1705.07485), the 26 2x96d CIFAR model of the ResizeMix paper
-
-
-class _ShakeCombine(torch.autograd.Function):
-    """alpha * a + (1 - alpha) * b forward, beta / (1 - beta) gradients backward ("Shake-Shake")."""
-
-    @staticmethod
-    def forward(ctx, a, b, alpha, beta):
-        ctx.save_for_backward(beta)
-        return alpha * a + (1 - alpha) * b
-
-    @staticmethod
-    def backward(ctx, grad):
-        (beta,) = ctx.saved_tensors
-        return beta * grad, (1 - beta) * grad, None, None
-
-
-class _ShakeShortcut(nn.Module):
-    """Downsampling shortcut of the official Lua code: ReLU, two strided 1x1 paths (the second shifted by one
-    pixel), concatenated, BN."""
-
-    def __init__(self, in_chs: int, out_chs: int, stride: int):
-        super().__init__()
-        self.stride = stride
-        self.conv1 = nn.Conv2d(in_chs, out_chs // 2, kernel_size=1, bias=False)
-        self.conv2 = nn.Conv2d(in_chs, out_chs // 2, kernel_size=1, bias=False)
-        self.bn = nn.BatchNorm2d(out_chs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(x)
-        y1 = self.conv1(torch.nn.functional.avg_pool2d(x, 1, self.stride))
-        shifted = torch.nn.functional.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
-        y2 = self.conv2(torch.nn.functional.avg_pool2d(shifted, 1, self.stride))
-        return self.bn(torch.cat([y1, y2], dim=1))
-
-
-class ShakeBlock(nn.Module):
-    """Two residual branches (ReLU-conv3x3-BN-ReLU-conv3x3-BN) mixed per image by random alpha (forward) and
-    beta (backward) while training ("Shake-Shake-Image"), averaged at evaluation."""
-
-    def __init__(self, in_chs: int, out_chs: int, stride: int = 1):
-        super().__init__()
-        self.branches = nn.ModuleList(
-            nn.Sequential(
-                nn.ReLU(), _conv3x3(in_chs, out_chs, stride), nn.BatchNorm2d(out_chs),
-                nn.ReLU(inplace=True), _conv3x3(out_chs, out_chs), nn.BatchNorm2d(out_chs),
-            )
-            for _ in range(2)
-        )
-        same = stride == 1 and in_chs == out_chs
-        self.shortcut = nn.Identity() if same else _ShakeShortcut(in_chs, out_chs, stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = (branch(x) for branch in self.branches)
-        if self.training:  # torch's global generator, seeded per epoch by the trainer
-            alpha = torch.rand(x.shape[0], 1, 1, 1, device=x.device, dtype=a.dtype)
-            beta = torch.rand(x.shape[0], 1, 1, 1, device=x.device, dtype=a.dtype)
-            mixed = _ShakeCombine.apply(a, b, alpha, beta)
-        else:
-            mixed = 0.5 * (a + b)
-        return mixed + self.shortcut(x)
-
-
-class ShakeShakeCifar(_PooledLinearHead):
-    """Shake-Shake-26 for CIFAR: 3x3 stem (16) + BN + ReLU, three stages of `(depth - 2) / 6` blocks of widths
-    w, 2w, 4w (strides 1, 2, 2), ReLU, global average pool, linear."""
-
-    def __init__(self, depth: int = 26, width: int = 96, num_classes: int = 10, in_chans: int = 3,
-                 head_drop_rate: float = 0.0):
-        super().__init__()
-        if (depth - 2) % 6:
-            raise ModelArgumentError(f"Shake-Shake depth must be 6n + 2, got {depth}.")
-        self.stem = nn.Sequential(_conv3x3(in_chans, 16), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
-        blocks, in_chs = [], 16
-        for stage, out_chs in enumerate((width, 2 * width, 4 * width)):
-            for i in range((depth - 2) // 6):
-                blocks.append(ShakeBlock(in_chs, out_chs, 2 if stage > 0 and i == 0 else 1))
-                in_chs = out_chs
-        self.stages = nn.Sequential(*blocks)
-        self._init_head(in_chs, num_classes, head_drop_rate)
-        _he_init(self)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: (B, in_chans, H, W). Returns: (B, 4 * width, H/4, W/4) after the final ReLU."""
-        return torch.relu(self.stages(self.stem(x)))
-
-
-@register_model_once
-def shake_shake26_2x96d_cifar(
-    pretrained: bool = False,
-    num_classes: int = 10,
-    in_chans: int = 3,
-    drop_rate: float = 0.0,
-    **kwargs: Any,
-) -> ShakeShakeCifar:
-    """Shake-Shake 26 2x96d (~26.2M parameters for 10 classes), the ResizeMix paper's second CIFAR model;
-    `drop_rate` is head dropout (0, as in the paper)."""
-    _entry_kwargs("shake_shake26_2x96d_cifar", pretrained, kwargs, ("num_classes", "in_chans", "drop_rate"))
-    return ShakeShakeCifar(26, 96, num_classes=num_classes, in_chans=in_chans, head_drop_rate=drop_rate)
-
-
+# the models this file registers; papers register their own (MODEL_NAMES in papers/<paper>/model.py)
 MODEL_NAMES = (
     "preact_resnet18_cifar",
     "resnet18_cifar",
-    "resnet50_cifar",
-    "resnet50_tiny",
     "wrn28_10_cifar",
-    "shake_shake26_2x96d_cifar",
     "vit_tiny_patch4_32",
     "vit_small_patch4_32",
-    "mlp_regression",
 )

@@ -11,6 +11,7 @@ from papers.cmixup.method import (
     pair_probability_rows,
     sample_partners,
 )
+from papers.cmixup.mlp import RegressionMLP, mlp_regression  # noqa: F401  (registers `mlp_regression` into timm)
 
 __all__ = [
     "CMixup",

@@ -1,4 +1,4 @@
-"""Tests for the CIFAR/regression backbones registered into timm by `common.models`.
+"""Tests for the CIFAR backbones registered into timm by `common.models` (papers test their own models).
 
 Parameter counts are recomputed here from the architecture descriptions (layer by layer), not from
 the module's code, and anchored on the counts the reference implementations are known for.
@@ -18,7 +18,7 @@ from common import models
 from common.errors import ReproError
 from common.models import MODEL_NAMES, ModelArgumentError, PreActBlock, build_model
 
-IMAGE_MODELS = [name for name in MODEL_NAMES if name != "mlp_regression"]
+IMAGE_MODELS = list(MODEL_NAMES)  # papers test their own models (tests/papers/test_<paper>_model.py)
 CNN_STEM_WIDTH = {"preact_resnet18_cifar": 64, "resnet18_cifar": 64, "wrn28_10_cifar": 16}
 
 
@@ -96,13 +96,11 @@ def test_param_counts_match_architecture():
     assert _num_params(timm.create_model("preact_resnet18_cifar", num_classes=100)) == preact + 90 * 513
 
 
-def test_vit_and_mlp_param_counts():
+def test_vit_param_counts():
     assert _num_params(timm.create_model("vit_tiny_patch4_32", num_classes=10)) == _vit_count(192, 12, 65, 10)
     assert _num_params(timm.create_model("vit_small_patch4_32", num_classes=100)) == _vit_count(
         384, 12, 65, 100
     )
-    # 5 -> 128 -> 128 -> 1
-    assert _num_params(timm.create_model("mlp_regression")) == 6 * 128 + 129 * 128 + 129
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -165,8 +163,6 @@ def test_unknown_kwargs_rejected_unless_none():
     assert isinstance(models.resnet18_cifar(pretrained_cfg=None, cache_dir=None), models.ResNetCifar)
     with pytest.raises(ModelArgumentError, match=r"\['global_pool_typo'\].*drop_path_rate"):
         timm.create_model("resnet18_cifar", global_pool_typo="avg")
-    with pytest.raises(ModelArgumentError, match="depth"):
-        timm.create_model("mlp_regression", depth=3)
     with pytest.raises(TypeError, match="not_a_vit_arg"):
         timm.create_model("vit_tiny_patch4_32", not_a_vit_arg=1)
 
@@ -261,152 +257,3 @@ def test_vit_has_64_patches_and_a_class_token(name, embed):
     assert tokens.shape == (2, 65, embed)
     # the logits read the class token (index 0), not a mean over patches
     torch.testing.assert_close(model.forward_head(tokens), model.head(tokens[:, 0]))
-
-
-def test_mlp_regression_matches_official_layers():
-    model = timm.create_model("mlp_regression")
-    x = torch.randn(4, 5)
-    prediction = model(x)
-    assert prediction.shape == (4, 1)
-    fc1, fc2, head = model.block_1[0], model.block_2[0], model.head
-    hidden = F.leaky_relu(F.linear(x, fc1.weight, fc1.bias), 0.1)
-    hidden = F.leaky_relu(F.linear(hidden, fc2.weight, fc2.bias), 0.1)
-    torch.testing.assert_close(model.forward_features(x), hidden)
-    torch.testing.assert_close(prediction, F.linear(hidden, head.weight, head.bias))
-    torch.testing.assert_close(model.forward_head(model.forward_features(x)), prediction)
-    prediction.sum().backward()
-    assert all(p.grad is not None for p in model.parameters())
-    wide = build_model("mlp_regression", num_classes=3, in_features=8)
-    assert wide(torch.randn(4, 8)).shape == (4, 3)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Bottleneck ResNet-50 with the CIFAR stem (RankMixup)
-
-
-def _bottleneck_resnet_count(planes: list[int], depths: list[int], num_classes: int) -> int:
-    """Stem conv + BN; per block 1x1, 3x3, 1x1 (x4) convs each with BN (+ 1x1 conv + BN shortcut); fc."""
-    total, in_chs = _conv(3, planes[0], 3) + _bn(planes[0]), planes[0]
-    for stage, (width, depth) in enumerate(zip(planes, depths, strict=True)):
-        for block in range(depth):
-            stride = 2 if stage > 0 and block == 0 else 1
-            total += _conv(in_chs, width, 1) + _bn(width) + _conv(width, width, 3) + _bn(width)
-            total += _conv(width, 4 * width, 1) + _bn(4 * width)
-            if stride != 1 or in_chs != 4 * width:
-                total += _conv(in_chs, 4 * width, 1) + _bn(4 * width)
-            in_chs = 4 * width
-    return total + _linear(in_chs, num_classes)
-
-
-def test_resnet50_cifar_param_count_and_shapes():
-    expected = _bottleneck_resnet_count([64, 128, 256, 512], [3, 4, 6, 3], 10)
-    assert expected == 23_520_842  # kuangliu/pytorch-cifar ResNet50 (= RankMixup's resnet50_cifar)
-    model = timm.create_model("resnet50_cifar", num_classes=10).eval()
-    assert _num_params(model) == expected
-    assert [len(stage) for stage in model.stages] == [3, 4, 6, 3]
-    assert model.num_features == 2048 and not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
-    seen = {}
-    model.stem.register_forward_hook(lambda module, inputs, output: seen.update(stem=output))
-    images = torch.randn(2, 3, 32, 32)
-    features = model.forward_features(images)
-    assert seen["stem"].shape == (2, 64, 32, 32) and (seen["stem"] >= 0).all()
-    assert features.shape == (2, 2048, 4, 4)
-    # the official head: F.avg_pool2d(out, 4), flatten, linear
-    pooled = F.avg_pool2d(features, 4).flatten(1)
-    torch.testing.assert_close(model(images), F.linear(pooled, model.fc.weight, model.fc.bias))
-
-
-def test_resnet50_tiny_has_the_2x2_pooled_head():
-    """RankMixup's resnet50_tiny: 64x64 in, 8x8 map, adaptive average to 2x2, fc(2048 * 4 -> 200)."""
-    model = timm.create_model("resnet50_tiny").eval()
-    assert model.num_classes == 200 and model.fc.in_features == 2048 * 4
-    expected = _bottleneck_resnet_count([64, 128, 256, 512], [3, 4, 6, 3], 200) + 2048 * 3 * 200
-    assert _num_params(model) == expected
-    images = torch.randn(2, 3, 64, 64)
-    features = model.forward_features(images)
-    assert features.shape == (2, 2048, 8, 8)
-    # longhand: mean over each 4x4 quadrant, flattened channel-major (as .view(B, -1) of a (B, C, 2, 2) map)
-    quadrants = features.reshape(2, 2048, 2, 4, 2, 4).mean(dim=(3, 5))
-    pooled = quadrants.reshape(2, -1)
-    torch.testing.assert_close(model(images), F.linear(pooled, model.fc.weight, model.fc.bias))
-    assert model.forward_head(features, pre_logits=True).shape == (2, 8192)
-
-
-def test_bottleneck_matches_hand_computation():
-    block = models.Bottleneck(8, 4, stride=2).eval()
-    bns = [block.bn1, block.bn2, block.bn3, block.shortcut[1]]
-    for bn in bns:
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-        bn.weight.data.uniform_(0.5, 2)
-        bn.bias.data.uniform_(-1, 1)
-    x = torch.randn(2, 8, 8, 8)
-
-    def bn_eval(bn, t):
-        return F.batch_norm(t, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-
-    out = torch.relu(bn_eval(block.bn1, F.conv2d(x, block.conv1.weight)))
-    # the stride sits on the 3x3 conv, not on the first 1x1
-    out = torch.relu(bn_eval(block.bn2, F.conv2d(out, block.conv2.weight, stride=2, padding=1)))
-    out = bn_eval(block.bn3, F.conv2d(out, block.conv3.weight))
-    shortcut = bn_eval(block.shortcut[1], F.conv2d(x, block.shortcut[0].weight, stride=2))
-    expected = torch.relu(out + shortcut)
-    assert expected.shape == (2, 16, 4, 4)
-    torch.testing.assert_close(block(x), expected)
-    identity = models.Bottleneck(16, 4).eval()
-    assert isinstance(identity.shortcut, nn.Identity)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Shake-Shake 26 2x96d (ResizeMix paper's CIFAR model)
-
-
-def _shake_shake_count(width: int, blocks_per_stage: int, num_classes: int) -> int:
-    """Stem conv + BN; per block two branches (conv3x3, BN, conv3x3, BN) and, on a shape change, two 1x1
-    convs to half the width + BN; fc."""
-    total, in_chs = _conv(3, 16, 3) + _bn(16), 16
-    for stage, out_chs in enumerate((width, 2 * width, 4 * width)):
-        for block in range(blocks_per_stage):
-            total += 2 * (_conv(in_chs, out_chs, 3) + _bn(out_chs) + _conv(out_chs, out_chs, 3) + _bn(out_chs))
-            if (stage > 0 and block == 0) or in_chs != out_chs:
-                total += 2 * _conv(in_chs, out_chs // 2, 1) + _bn(out_chs)
-            in_chs = out_chs
-    return total + _linear(in_chs, num_classes)
-
-
-def test_shake_shake_param_count_and_shapes():
-    model = timm.create_model("shake_shake26_2x96d_cifar", num_classes=10)
-    count = _shake_shake_count(96, 4, 10)
-    assert _num_params(model) == count and abs(count - 26.2e6) / 26.2e6 < 0.01  # 26.2M in the Shake-Shake paper
-    assert model.forward_features(torch.randn(1, 3, 32, 32)).shape == (1, 384, 8, 8)
-
-
-def test_shake_combine_mixes_forward_by_alpha_and_backward_by_beta():
-    a, b = torch.randn(3, 2, 4, 4, requires_grad=True), torch.randn(3, 2, 4, 4, requires_grad=True)
-    alpha, beta = torch.rand(3, 1, 1, 1), torch.rand(3, 1, 1, 1)
-    out = models._ShakeCombine.apply(a, b, alpha, beta)
-    torch.testing.assert_close(out, alpha * a + (1 - alpha) * b)
-    out.sum().backward()
-    torch.testing.assert_close(a.grad, beta.expand_as(a))
-    torch.testing.assert_close(b.grad, (1 - beta).expand_as(b))
-
-
-def test_shake_block_averages_branches_at_eval_and_shakes_in_training():
-    block = models.ShakeBlock(4, 4).eval()
-    x = torch.randn(2, 4, 8, 8)
-    branches = [branch(x) for branch in block.branches]
-    torch.testing.assert_close(block(x), 0.5 * (branches[0] + branches[1]) + x)
-    block.train()
-    first, second = block(x), block(x)
-    assert not torch.allclose(first, second)  # a fresh alpha per call
-
-
-def test_shake_shortcut_second_path_is_shifted_by_one_pixel():
-    shortcut = models._ShakeShortcut(2, 4, stride=2)
-    x = torch.randn(1, 2, 8, 8)
-    y = shortcut(x)
-    assert y.shape == (1, 4, 4, 4)
-    relu = torch.relu(x)
-    first = shortcut.conv1(relu[:, :, ::2, ::2])
-    second = shortcut.conv2(F.pad(relu[:, :, 1:, 1:], (0, 1, 0, 1))[:, :, ::2, ::2])
-    torch.testing.assert_close(y, shortcut.bn(torch.cat([first, second], dim=1)))
