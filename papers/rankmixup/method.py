@@ -197,8 +197,8 @@ class _RankMixup(Method):
         return {
             "loss": loss_ce + self.params.weight * loss_rank,
             "logits": logits,
-            "loss_ce": float(loss_ce.detach()),
-            "loss_rank": float(loss_rank.detach()),
+            "loss_ce": loss_ce.detach(),  # tensors: the trainer sums them on the device (no host sync per step)
+            "loss_rank": loss_rank.detach(),
             "lam": sum(lams) / len(lams),
         }
 

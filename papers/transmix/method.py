@@ -120,7 +120,7 @@ class TransMix(MixCutMix):
     def epoch_stats(self) -> dict | None:
         """Distribution of (TransMix weight - area weight) over this epoch's CutMix samples; then reset."""
         stats = {"delta_hist": self._hist.tolist(), "delta_edges": DELTA_EDGES.tolist(), "n": self._n,
-                 "delta_mean": self._sum / self._n if self._n else None, "cutmix_batches": self._cutmix_batches}
+                 "delta_mean": float(self._sum) / self._n if self._n else None, "cutmix_batches": self._cutmix_batches}
         self.reset_stats()
         return stats
 
@@ -139,11 +139,15 @@ class TransMix(MixCutMix):
         w, lam_area, _ = transmix_weights(grab.attention, box, (H, W))
         w = w.to(target.device).view(-1, 1)
         t_mix = (1.0 - w) * target + w * target[flip_partner(images.shape[0], target.device)]
-        delta = (w.view(-1) - lam_area).detach().double().cpu()
-        self._hist += torch.histogram(delta.clamp(-0.5, 0.5), bins=DELTA_EDGES.double()).hist
+        # statistics stay on the model's device (no host sync per step); epoch_stats reads them once per epoch.
+        # bucketize + bincount counts as torch.histogram(bins=DELTA_EDGES) does (last bin closed), on any device
+        delta = (w.view(-1) - lam_area).detach().double()
+        edges = DELTA_EDGES.to(delta.device, torch.float64)
+        bins = (torch.bucketize(delta.clamp(-0.5, 0.5), edges, right=True) - 1).clamp(0, len(edges) - 2)
+        self._hist = self._hist.to(delta.device) + torch.bincount(bins, minlength=len(edges) - 1).double()
         self._n += delta.numel()
-        self._sum += float(delta.sum())
+        self._sum = self._sum + delta.sum()
         self._cutmix_batches += 1
         loss = soft_target_cross_entropy(logits, t_mix)
-        return {"loss": loss, "logits": logits, "lam": 1.0 - float(w.mean()),
-                "transmix_minus_area": float(delta.mean())}
+        return {"loss": loss, "logits": logits, "lam": 1.0 - w.detach().mean(),
+                "transmix_minus_area": delta.mean()}
