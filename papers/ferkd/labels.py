@@ -106,25 +106,26 @@ def recover_soft_labels(stored, label_type: str, num_classes: int) -> torch.Tens
     """
     label_type = canonical_label_type(label_type)
     s = torch.as_tensor(np.asarray(stored) if not torch.is_tensor(stored) else stored)
-    n = s.shape[0]
+    n, device = s.shape[0], s.device  # computed where the labels are: no copy to the host in a training step
     if label_type == "hard":
-        return torch.zeros(n, num_classes).scatter_(1, s.long().view(-1, 1), 1.0)
+        return torch.zeros(n, num_classes, device=device).scatter_(1, s.long().view(-1, 1), 1.0)
     s = s.float()
     if label_type == "smoothing":
         index, value = s[:, 0].long().view(-1, 1), s[:, 1].view(-1, 1)
         minor = (1.0 - value) / (num_classes - 1)
-        return (minor * torch.ones(n, num_classes)).scatter_(1, index, value)
+        return (minor * torch.ones(n, num_classes, device=device)).scatter_(1, index, value)
     index, value = s[:, 0, :].long(), s[:, 1, :]
     k = index.shape[1]
-    if index.numel() and int(index.max()) >= num_classes:
+    if device.type == "cpu" and index.numel() and int(index.max()) >= num_classes:  # (a check, not a sync)
         raise ReproError(f"stored labels name class {int(index.max())} but num_classes is {num_classes}; "
                          "the label set belongs to another dataset.")
     if label_type == "marginal_renorm_k5":
-        return F.normalize(torch.zeros(n, num_classes).scatter_(1, index, value), p=1.0, dim=1, eps=1e-12)
+        zeros = torch.zeros(n, num_classes, device=device)
+        return F.normalize(zeros.scatter_(1, index, value), p=1.0, dim=1, eps=1e-12)
     if num_classes == k:  # every class is stored (the official division by K - k = 0 is overwritten anyway)
-        return torch.zeros(n, num_classes).scatter_(1, index, value)
+        return torch.zeros(n, num_classes, device=device).scatter_(1, index, value)
     minor = (1.0 - value.sum(dim=1, keepdim=True)) / (num_classes - k)
-    return (minor * torch.ones(n, num_classes)).scatter_(1, index, value)
+    return (minor * torch.ones(n, num_classes, device=device)).scatter_(1, index, value)
 
 
 # ------------------------------------------------------------------------------------------- label sets

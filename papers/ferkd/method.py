@@ -302,8 +302,8 @@ class FKD(Method):
         gt, region = flat[:, 0].long(), flat[:, 1].long()
         if self.params.target == "ground_truth":
             return gt, region, smooth_one_hot(gt, self.num_classes)
-        stored = flat[:, 2:].reshape(n * b, *label_shape(self.label_type)).cpu()
-        return gt, region, recover_soft_labels(stored, self.label_type, self.num_classes).to(targets.device)
+        stored = flat[:, 2:].reshape(n * b, *label_shape(self.label_type))
+        return gt, region, recover_soft_labels(stored, self.label_type, self.num_classes)
 
     def step(self, model, batch, ctx):
         crops, targets = batch  # (B, n, C, H, W), (B, n, 2 + L)
