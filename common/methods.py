@@ -1,16 +1,23 @@
 """The method contract: the trainer owns the loop, a method owns one training step.
 
 A method is a class registered by name with `@register_method`. It declares its options as a
-dataclass `Params` (unknown keys are errors) and what it needs from the trainer in `needs`
-(e.g. ``{"attention"}``); the trainer never branches on a method's name.
+dataclass `Params` (unknown keys are errors); the trainer never branches on a method's name. What a method
+needs beyond one step it asks for through the hooks of `Method`, each with a default: `prepare` (the training
+set), `check_model` (e.g. attention maps, then read in the step with `common.attention`), `passes` and
+`train_dataset` (its own view of the data), `inputs` (files the workflow provides), `epoch_stats`,
+`state_dict`.
 
 `step(model, batch, ctx)` returns a dict with at least ``loss`` (a scalar tensor to back-propagate)
-and ``logits``; any other float entries are logged as training scalars (averaged over the epoch).
+and ``logits``; any other entries (Python floats or detached 0-d tensors) are logged as training scalars,
+averaged over the epoch. A step never turns a tensor computed by the model into a Python number: the trainer
+sums the tensors on the device and reads them once per epoch (tests/common/test_no_host_sync.py).
+
+A mixing method mixes in one place: `step` and `mix` (the figures' view of one batch) call the same function
+(`MixCutMix.mixed_batch`), so the two cannot drift.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -32,7 +39,6 @@ class StepContext:
     step: int  # global batch counter (micro-batches), from 0
     progress: float  # fraction of training done, in [0, 1]
     generator: torch.Generator  # CPU generator: the only source of a method's randomness
-    extras: dict = field(default_factory=dict)  # things the method declared in `needs`
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,6 @@ class Method:
     """Base class. Subclasses set `Params` and implement `step`."""
 
     name: ClassVar[str] = ""
-    needs: ClassVar[frozenset[str]] = frozenset()
 
     @dataclass
     class Params:
@@ -109,9 +114,6 @@ class Method:
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
         self.task = task
-
-    def options(self) -> dict[str, Any]:
-        return {"name": self.name, **dataclasses.asdict(self.params)}
 
     def step(self, model, batch, ctx: StepContext) -> dict:
         raise NotImplementedError
@@ -165,6 +167,27 @@ class ERM(Method):
         return {"loss": loss, "logits": logits}
 
 
+@dataclass
+class MixedBatch:
+    """One batch as `MixCutMix.mixed_batch` mixes it.
+
+    Attributes:
+        images: (B, C, H, W) mixed images.
+        target: (B, K) mixed soft targets.
+        lam: (B,) float64, the final weight of each row's own label (CPU).
+        boxes: (B, 4) CutMix boxes (yl, yh, xl, xh), zero-size on Mixup or un-mixed rows.
+        draws: the `MixDraws` behind it.
+        clean_target: (B, K) the un-mixed (smoothed) targets.
+    """
+
+    images: torch.Tensor
+    target: torch.Tensor
+    lam: torch.Tensor
+    boxes: torch.Tensor
+    draws: Any
+    clean_target: torch.Tensor
+
+
 class MixCutMix(Method):
     """Mixup and/or CutMix with timm `Mixup`'s semantics, built from `common.mixing` primitives.
 
@@ -202,20 +225,22 @@ class MixCutMix(Method):
             prob=p.prob, switch_prob=p.switch_prob, mode=p.mode, partner=p.partner,
         )
 
-    def mix(self, images, labels, generator):
+    def mixed_batch(self, images, labels, generator) -> MixedBatch:
+        """The one mixing path of `step`, `mix` and the subclasses' steps (TransMix): draw, smooth, mix."""
         draws = self.draw(generator, images.shape[0], images.shape[-2:])
         target = smooth_one_hot(labels, self.num_classes, self.label_smoothing)
-        x_mix, t_mix, _, _ = apply_mix(images, target, draws, correct_lam=self.params.correct_lam)
-        return x_mix, t_mix
+        x_mix, t_mix, lam, boxes = apply_mix(images, target, draws, correct_lam=self.params.correct_lam)
+        return MixedBatch(x_mix, t_mix, lam, boxes, draws, target)
+
+    def mix(self, images, labels, generator):
+        mixed = self.mixed_batch(images, labels, generator)
+        return mixed.images, mixed.target
 
     def step(self, model, batch, ctx):
-        images, labels = batch
-        draws = self.draw(ctx.generator, images.shape[0], images.shape[-2:])
-        target = smooth_one_hot(labels, self.num_classes, self.label_smoothing)
-        x_mix, t_mix, lam, _ = apply_mix(images, target, draws, correct_lam=self.params.correct_lam)
-        logits = model(x_mix)
-        loss = soft_target_cross_entropy(logits, t_mix)
-        return {"loss": loss, "logits": logits, "lam": float(lam.mean())}
+        mixed = self.mixed_batch(*batch, ctx.generator)
+        logits = model(mixed.images)
+        loss = soft_target_cross_entropy(logits, mixed.target)
+        return {"loss": loss, "logits": logits, "lam": float(mixed.lam.mean())}  # lam: drawn on the CPU, no sync
 
 
 @register_method("mixup_cutmix")

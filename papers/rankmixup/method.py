@@ -180,17 +180,19 @@ class _RankMixup(Method):
     def rank_loss(self, logits, mixed_logits, mixed_targets) -> torch.Tensor:
         raise NotImplementedError
 
-    def mix(self, images, labels, generator):
+    def mixed_copies(self, images, labels, generator):
+        """The one mixing path of `step` and `mix`: (mixed images (n B, C, H, W), targets (n B, K), lams)."""
         lams, perms = draw_copies(generator, images.shape[0], self.params.num_mixup, self.params.alpha)
-        return mix_copies(images, smooth_one_hot(labels, self.num_classes), lams, perms)
+        return (*mix_copies(images, smooth_one_hot(labels, self.num_classes), lams, perms), lams)
+
+    def mix(self, images, labels, generator):
+        mixed_images, mixed_targets, _ = self.mixed_copies(images, labels, generator)
+        return mixed_images, mixed_targets
 
     def step(self, model, batch, ctx):
         images, labels = batch
         logits = model(images)  # clean pass first, as the official train_epoch
-        lams, perms = draw_copies(ctx.generator, images.shape[0], self.params.num_mixup, self.params.alpha)
-        mixed_images, mixed_targets = mix_copies(
-            images, smooth_one_hot(labels, self.num_classes), lams, perms
-        )
+        mixed_images, mixed_targets, lams = self.mixed_copies(images, labels, ctx.generator)
         mixed_logits = model(mixed_images)  # separate call: BatchNorm normalises the mixed batch on its own
         loss_ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         loss_rank = self.rank_loss(logits, mixed_logits, mixed_targets)

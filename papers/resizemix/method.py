@@ -208,13 +208,15 @@ class ResizeMix(Method):
             return images, target, 1.0
         return x_mix, mix_targets(target, draws.perm, lam), lam
 
+    def mixed_with_lam(self, images, labels, generator):
+        """The one mixing path of `step` and `mix`: draw, then `apply`. Returns (x_mix, t_mix, lam)."""
+        return self.apply(images, labels, self.draw(generator, images.shape[0], images.shape[-2:]))
+
     def mix(self, images, labels, generator):
-        x_mix, t_mix, _ = self.apply(images, labels, self.draw(generator, images.shape[0], images.shape[-2:]))
+        x_mix, t_mix, _ = self.mixed_with_lam(images, labels, generator)
         return x_mix, t_mix
 
     def step(self, model, batch, ctx):
-        images, labels = batch
-        draws = self.draw(ctx.generator, images.shape[0], images.shape[-2:])
-        x_mix, t_mix, lam = self.apply(images, labels, draws)
+        x_mix, t_mix, lam = self.mixed_with_lam(*batch, ctx.generator)
         logits = model(x_mix)
         return {"loss": soft_target_cross_entropy(logits, t_mix), "logits": logits, "lam": lam}

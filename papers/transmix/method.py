@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from common.attention import capture_cls_attention, check_cls_attention
 from common.errors import ReproError
 from common.methods import MixCutMix, register_method
-from common.mixing import apply_mix, cutmix_box, flip_partner, smooth_one_hot, soft_target_cross_entropy
+from common.mixing import cutmix_box, flip_partner, smooth_one_hot, soft_target_cross_entropy
 
 __all__ = ["TransMix", "cutmix_box", "token_box_mask", "transmix_target", "transmix_weights"]
 
@@ -125,17 +125,17 @@ class TransMix(MixCutMix):
         return stats
 
     def step(self, model, batch, ctx):
-        images, labels = batch
+        images, _ = batch
         H, W = images.shape[-2:]
-        draws = self.draw(ctx.generator, images.shape[0], (H, W))
-        target = smooth_one_hot(labels, self.num_classes, self.label_smoothing)
-        x_mix, t_mix, lam, boxes = apply_mix(images, target, draws, correct_lam=self.params.correct_lam)
-        if not (bool(draws.use_cutmix[0]) and float(draws.lam[0]) < 1.0):
-            logits = model(x_mix)  # Mixup (or un-mixed) batch: plain timm target, no attention needed
-            return {"loss": soft_target_cross_entropy(logits, t_mix), "logits": logits, "lam": float(lam.mean())}
+        mixed = self.mixed_batch(*batch, ctx.generator)  # the preset's own mixing: draws, boxes, area targets
+        draws, target = mixed.draws, mixed.clean_target
+        if not (bool(draws.use_cutmix[0]) and float(draws.lam[0]) < 1.0):  # CPU draws: no device sync
+            logits = model(mixed.images)  # Mixup (or un-mixed) batch: plain timm target, no attention needed
+            return {"loss": soft_target_cross_entropy(logits, mixed.target), "logits": logits,
+                    "lam": float(mixed.lam.mean())}
         with capture_cls_attention(model) as grab:  # same forward pass; only the last block is read
-            logits = model(x_mix)
-        box = tuple(int(v) for v in boxes[0])
+            logits = model(mixed.images)
+        box = tuple(int(v) for v in mixed.boxes[0])
         w, lam_area, _ = transmix_weights(grab.attention, box, (H, W))
         w = w.to(target.device).view(-1, 1)
         t_mix = (1.0 - w) * target + w * target[flip_partner(images.shape[0], target.device)]
