@@ -59,4 +59,4 @@ rule report:
     log:
         "logs/report/index.log",
     shell:
-        "{PYTHON:q} -m common.report index > {log:q} 2>&1"
+        "python -m common.report index > {log:q} 2>&1"

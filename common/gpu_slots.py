@@ -150,6 +150,10 @@ def try_acquire(slot_dir: Path, devices: list[str] | int, need: int, pack: int) 
 
 
 def run(command: list[str], env: Mapping[str, str] | None = None) -> int:
+    """Run the job's command; a leading `python` is this interpreter (the workflow's: its shell lines' `python`
+    is a shell function, which a child process such as this wrapper's command does not see)."""
+    if command[0] == "python":
+        command = [sys.executable, *command[1:]]
     try:
         return subprocess.call(command, env=env)
     except OSError as exc:

@@ -9,20 +9,20 @@ import sys
 from common import workflow as grid
 from common.report import paper_results
 
-# every job (local, conda, cluster) imports `common` and `papers` from this checkout (quoted: its path may
-# hold spaces or quotes; braces doubled: Snakemake formats the prefix too)
-shell.prefix(
-    "export PYTHONPATH=" + shlex.quote(workflow.basedir).replace("{", "{{").replace("}", "}}")
-    + '"${{PYTHONPATH:+:$PYTHONPATH}}"; '
-)
-
-# The interpreter of every rule's `{PYTHON:q} -m ...` shell line. Plain runs use the one Snakemake runs
-# under (sys.executable): the project's venv even when it is not activated, so no `python` is needed on
-# PATH (a cluster job re-runs Snakemake on its node and sets this again there). With --sdm conda the job's
+# `python` in every rule's shell line is the interpreter Snakemake runs under (sys.executable), through a
+# shell function the prefix defines: the project's venv even when it is not activated, so no `python` need be
+# on PATH (a cluster job re-runs Snakemake on its node, which defines it there). With --sdm conda the job's
 # shell first activates the rule's env, whose packages only its own `python` sees, and with --sdm apptainer
-# the host's interpreter path does not exist in the container: both use `python` from the job's PATH.
+# the host's interpreter does not exist in the container: there `python` stays the one on the job's PATH. A
+# function rather than a {PYTHON} field keeps the rules lint-clean and a printed command runnable by hand;
+# common.gpu_slots runs a `python` command it wraps under its own interpreter (a child sees no function).
 _ISOLATED = {"CONDA", "APPTAINER"} & {m.name for m in workflow.deployment_settings.deployment_method}
-PYTHON = "python" if _ISOLATED else sys.executable
+_PYTHON_FUNCTION = "" if _ISOLATED else f'python() {{ {shlex.quote(sys.executable)} "$@"; }}; '
+# every job (local, conda, cluster) imports `common` and `papers` from this checkout; paths quoted (they may
+# hold spaces or quotes) and braces doubled (Snakemake formats the prefix too)
+_PREFIX = (_PYTHON_FUNCTION
+           + f'export PYTHONPATH={shlex.quote(workflow.basedir)}"${{PYTHONPATH:+:$PYTHONPATH}}"; ')
+shell.prefix(_PREFIX.replace("{", "{{").replace("}", "}}"))
 
 SCALE = config["scale"]
 SEEDS = config.get("seeds") or None

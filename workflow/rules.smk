@@ -27,7 +27,7 @@ rule train:
         cpus_per_task=train_cpus,
     shell:
         # pin intra-op threads to the job's cores: oversubscribed small ops run many times slower
-        "OMP_NUM_THREADS={threads} {PYTHON:q} -m common.workflow train --paper {wildcards.paper:q} "
+        "OMP_NUM_THREADS={threads} python -m common.workflow train --paper {wildcards.paper:q} "
         "--scale {wildcards.scale:q} --experiment {wildcards.experiment:q} --method {wildcards.method:q} "
         "--seed {wildcards.seed:q} --pack {resources.pack} > {log:q} 2>&1"
 
@@ -50,7 +50,7 @@ rule table:
     log:
         "logs/table/{paper}/{scale}/{table}.log",
     shell:
-        "{PYTHON:q} -m common.report table --paper {wildcards.paper:q} --scale {wildcards.scale:q} "
+        "python -m common.report table --paper {wildcards.paper:q} --scale {wildcards.scale:q} "
         "--table {wildcards.table:q} > {log:q} 2>&1"
 
 
@@ -71,7 +71,7 @@ rule curves:
     log:
         "logs/curves/{paper}/{scale}/{experiment}.log",
     shell:
-        "{PYTHON:q} -m common.report curves --paper {wildcards.paper:q} --scale {wildcards.scale:q} "
+        "python -m common.report curves --paper {wildcards.paper:q} --scale {wildcards.scale:q} "
         "--experiment {wildcards.experiment:q} > {log:q} 2>&1"
 
 
@@ -92,7 +92,7 @@ rule mixed_examples:
     log:
         "logs/mixed_examples/{paper}/{scale}.log",
     shell:
-        "{PYTHON:q} -m common.report examples --paper {wildcards.paper:q} --scale {wildcards.scale:q} "
+        "python -m common.report examples --paper {wildcards.paper:q} --scale {wildcards.scale:q} "
         "> {log:q} 2>&1"
 
 
@@ -114,5 +114,5 @@ rule claims_forest:
     log:
         "logs/claims_forest/{paper}/{scale}.log",
     shell:
-        "{PYTHON:q} -m common.report forest --paper {wildcards.paper:q} --scale {wildcards.scale:q} "
+        "python -m common.report forest --paper {wildcards.paper:q} --scale {wildcards.scale:q} "
         "> {log:q} 2>&1"

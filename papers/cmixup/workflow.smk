@@ -25,7 +25,7 @@ rule cmixup_fig_rmse:
     log:
         "logs/cmixup/{scale}/rmse_{experiment}.log",
     shell:
-        "{PYTHON:q} -m papers.cmixup.figures rmse --runs {params.runs:q} "
+        "python -m papers.cmixup.figures rmse --runs {params.runs:q} "
         "--out figures/cmixup/{wildcards.scale:q}/rmse_{wildcards.experiment:q} "
         "--stamp {params.stamp:q} > {log:q} 2>&1"
 
@@ -49,7 +49,7 @@ rule cmixup_fig_kernel:
     log:
         "logs/cmixup/{scale}/kernel_{experiment}.log",
     shell:
-        "{PYTHON:q} -m papers.cmixup.figures kernel --config {input.config:q} "
+        "python -m papers.cmixup.figures kernel --config {input.config:q} "
         "--out figures/cmixup/{wildcards.scale:q}/kernel_{wildcards.experiment:q} "
         "--stamp {params.stamp:q} > {log:q} 2>&1"
 

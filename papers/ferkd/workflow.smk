@@ -36,8 +36,8 @@ rule ferkd_label_shard:
         "logs/ferkd/{scale}/labels/teacher/shard_{shard}.log",
     shell:
         # common.gpu_slots hands the job a GPU when it needs one (--need 0 runs it as it is)
-        "OMP_NUM_THREADS={threads} {PYTHON:q} -m common.gpu_slots --need {resources.gpu} --pack {resources.pack} -- "
-        "{PYTHON:q} -m papers.ferkd.regions {params.verb} --scale {wildcards.scale} --shard {wildcards.shard} "
+        "OMP_NUM_THREADS={threads} python -m common.gpu_slots --need {resources.gpu} --pack {resources.pack} -- "
+        "python -m papers.ferkd.regions {params.verb} --scale {wildcards.scale} --shard {wildcards.shard} "
         "> {log} 2>&1"
 
 
@@ -51,7 +51,7 @@ rule ferkd_label_manifest:
     log:
         "logs/ferkd/{scale}/labels/teacher/manifest.log",
     shell:
-        "{PYTHON:q} -m papers.ferkd.regions gather --scale {wildcards.scale} > {log} 2>&1"
+        "python -m papers.ferkd.regions gather --scale {wildcards.scale} > {log} 2>&1"
 
 
 rule ferkd_label_adapt:
@@ -68,7 +68,7 @@ rule ferkd_label_adapt:
     log:
         "logs/ferkd/{scale}/labels/adapted/{labelset}.log",
     shell:
-        "{PYTHON:q} -m papers.ferkd.regions adapt --scale {wildcards.scale} --name {wildcards.labelset} > {log} 2>&1"
+        "python -m papers.ferkd.regions adapt --scale {wildcards.scale} --name {wildcards.labelset} > {log} 2>&1"
 
 
 rule ferkd_fig_regions:
@@ -90,7 +90,7 @@ rule ferkd_fig_regions:
     log:
         "logs/ferkd/{scale}/regions.log",
     shell:
-        "{PYTHON:q} -m papers.ferkd.figures regions --scale {wildcards.scale} "
+        "python -m papers.ferkd.figures regions --scale {wildcards.scale} "
         "--out figures/ferkd/{wildcards.scale}/regions --stamp '{params.stamp}' > {log} 2>&1"
 
 
@@ -113,7 +113,7 @@ rule ferkd_fig_groups:
     log:
         "logs/ferkd/{scale}/groups.log",
     shell:
-        "{PYTHON:q} -m papers.ferkd.figures groups --scale {wildcards.scale} "
+        "python -m papers.ferkd.figures groups --scale {wildcards.scale} "
         "--out figures/ferkd/{wildcards.scale}/groups --stamp '{params.stamp}' > {log} 2>&1"
 
 
@@ -137,7 +137,7 @@ rule ferkd_fig_convergence:
     log:
         "logs/ferkd/{scale}/convergence_{experiment}.log",
     shell:
-        "{PYTHON:q} -m papers.ferkd.figures convergence --runs {params.runs} "
+        "python -m papers.ferkd.figures convergence --runs {params.runs} "
         "--out figures/ferkd/{wildcards.scale}/convergence_{wildcards.experiment} --stamp '{params.stamp}' > {log} 2>&1"
 
 

@@ -25,7 +25,7 @@ rule mixpro_fig_pal:
     log:
         "logs/mixpro/{scale}/pal_{experiment}.log",
     shell:
-        "{PYTHON:q} -m papers.mixpro.figures pal --runs {params.runs:q} "
+        "python -m papers.mixpro.figures pal --runs {params.runs:q} "
         "--out figures/mixpro/{wildcards.scale:q}/pal_{wildcards.experiment:q} "
         "--stamp {params.stamp:q} > {log:q} 2>&1"
 

@@ -26,7 +26,7 @@ rule rankmixup_fig_reliability:
     log:
         "logs/rankmixup/{scale}/reliability_{experiment}.log",
     shell:
-        "{PYTHON:q} -m papers.rankmixup.figures reliability --runs {params.runs:q} "
+        "python -m papers.rankmixup.figures reliability --runs {params.runs:q} "
         "--out figures/rankmixup/{wildcards.scale:q}/reliability_{wildcards.experiment:q} "
         "--stamp {params.stamp:q} > {log:q} 2>&1"
 

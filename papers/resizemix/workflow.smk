@@ -24,7 +24,7 @@ rule resizemix_fig_pairs:
     log:
         "logs/resizemix/{scale}/pairs_{experiment}.log",
     shell:
-        "{PYTHON:q} -m papers.resizemix.figures pairs --scale {wildcards.scale:q} "
+        "python -m papers.resizemix.figures pairs --scale {wildcards.scale:q} "
         "--experiment {wildcards.experiment:q} "
         "--out figures/resizemix/{wildcards.scale:q}/pairs_{wildcards.experiment:q} "
         "--stamp {params.stamp:q} > {log:q} 2>&1"
@@ -49,7 +49,7 @@ rule resizemix_fig_weights:
     log:
         "logs/resizemix/{scale}/weights_{experiment}.log",
     shell:
-        "{PYTHON:q} -m papers.resizemix.figures weights --scale {wildcards.scale:q} "
+        "python -m papers.resizemix.figures weights --scale {wildcards.scale:q} "
         "--experiment {wildcards.experiment:q} "
         "--out figures/resizemix/{wildcards.scale:q}/weights_{wildcards.experiment:q} "
         "--stamp {params.stamp:q} > {log:q} 2>&1"

@@ -25,7 +25,7 @@ rule smmix_fig_windows:
     log:
         "logs/smmix/{scale}/windows_{experiment}.log",
     shell:
-        "{PYTHON:q} -m papers.smmix.figures windows --run {params.run:q} "
+        "python -m papers.smmix.figures windows --run {params.run:q} "
         "--out figures/smmix/{wildcards.scale:q}/windows_{wildcards.experiment:q} "
         "--stamp {params.stamp:q} > {log:q} 2>&1"
 

@@ -24,7 +24,7 @@ rule transmix_fig_attention:
     log:
         "logs/transmix/{scale}/attention_{experiment}.log",
     shell:
-        "{PYTHON:q} -m papers.transmix.figures attention --run {params.run:q} "
+        "python -m papers.transmix.figures attention --run {params.run:q} "
         "--out figures/transmix/{wildcards.scale:q}/attention_{wildcards.experiment:q} "
         "--stamp {params.stamp:q} > {log:q} 2>&1"
 
@@ -49,7 +49,7 @@ rule transmix_fig_weights:
     log:
         "logs/transmix/{scale}/weights_{experiment}.log",
     shell:
-        "{PYTHON:q} -m papers.transmix.figures weights --runs {params.runs:q} "
+        "python -m papers.transmix.figures weights --runs {params.runs:q} "
         "--out figures/transmix/{wildcards.scale:q}/weights_{wildcards.experiment:q} "
         "--stamp {params.stamp:q} > {log:q} 2>&1"
 

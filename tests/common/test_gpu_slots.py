@@ -96,3 +96,17 @@ def test_a_file_system_without_locks_is_an_error_naming_the_fix(tmp_path, monkey
     monkeypatch.setattr(gpu_slots.fcntl, "flock", no_locks)
     with pytest.raises(gpu_slots.SlotError, match="REPRO_GPU_SLOT_DIR"):
         gpu_slots.try_acquire(tmp_path, ["0"], 1, 1)
+
+
+def test_a_python_command_runs_under_the_wrappers_own_interpreter_without_python_on_path(tmp_path):
+    # the workflow's shell lines give `python ... -- python -m ...`: the inner `python` must not come from PATH
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "common.gpu_slots", "--need", "1", "--slot-dir", str(tmp_path), "--",
+         "python", "-c", "import sys; print(sys.executable)"],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={"REPRO_NUM_GPUS": "1", "PATH": str(empty), "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == sys.executable
