@@ -119,7 +119,8 @@ def ferkd_convergence_inputs(wildcards):
 
 
 def ferkd_convergence_arg(wildcards):
-    return " ".join(f"{run.method}={run.folder}" for run in ferkd_convergence_runs(wildcards.experiment))
+    # a list: the shell line quotes each item ({params.runs:q}), one argument per run
+    return [f"{run.method}={run.folder}" for run in ferkd_convergence_runs(wildcards.experiment)]
 
 
 def ferkd_main_experiments():

@@ -37,8 +37,9 @@ rule ferkd_label_shard:
     shell:
         # common.gpu_slots hands the job a GPU when it needs one (--need 0 runs it as it is)
         "OMP_NUM_THREADS={threads} python -m common.gpu_slots --need {resources.gpu} --pack {resources.pack} -- "
-        "python -m papers.ferkd.regions {params.verb} --scale {wildcards.scale} --shard {wildcards.shard} "
-        "> {log} 2>&1"
+        "python -m papers.ferkd.regions {params.verb:q} --scale {wildcards.scale:q} "
+        "--shard {wildcards.shard:q} "
+        "> {log:q} 2>&1"
 
 
 rule ferkd_label_manifest:
@@ -51,7 +52,7 @@ rule ferkd_label_manifest:
     log:
         "logs/ferkd/{scale}/labels/teacher/manifest.log",
     shell:
-        "python -m papers.ferkd.regions gather --scale {wildcards.scale} > {log} 2>&1"
+        "python -m papers.ferkd.regions gather --scale {wildcards.scale:q} > {log:q} 2>&1"
 
 
 rule ferkd_label_adapt:
@@ -68,7 +69,8 @@ rule ferkd_label_adapt:
     log:
         "logs/ferkd/{scale}/labels/adapted/{labelset}.log",
     shell:
-        "python -m papers.ferkd.regions adapt --scale {wildcards.scale} --name {wildcards.labelset} > {log} 2>&1"
+        "python -m papers.ferkd.regions adapt --scale {wildcards.scale:q} --name {wildcards.labelset:q} "
+        "> {log:q} 2>&1"
 
 
 rule ferkd_fig_regions:
@@ -90,8 +92,8 @@ rule ferkd_fig_regions:
     log:
         "logs/ferkd/{scale}/regions.log",
     shell:
-        "python -m papers.ferkd.figures regions --scale {wildcards.scale} "
-        "--out figures/ferkd/{wildcards.scale}/regions --stamp '{params.stamp}' > {log} 2>&1"
+        "python -m papers.ferkd.figures regions --scale {wildcards.scale:q} "
+        "--out figures/ferkd/{wildcards.scale:q}/regions --stamp {params.stamp:q} > {log:q} 2>&1"
 
 
 rule ferkd_fig_groups:
@@ -113,8 +115,8 @@ rule ferkd_fig_groups:
     log:
         "logs/ferkd/{scale}/groups.log",
     shell:
-        "python -m papers.ferkd.figures groups --scale {wildcards.scale} "
-        "--out figures/ferkd/{wildcards.scale}/groups --stamp '{params.stamp}' > {log} 2>&1"
+        "python -m papers.ferkd.figures groups --scale {wildcards.scale:q} "
+        "--out figures/ferkd/{wildcards.scale:q}/groups --stamp {params.stamp:q} > {log:q} 2>&1"
 
 
 rule ferkd_fig_convergence:
@@ -137,8 +139,9 @@ rule ferkd_fig_convergence:
     log:
         "logs/ferkd/{scale}/convergence_{experiment}.log",
     shell:
-        "python -m papers.ferkd.figures convergence --runs {params.runs} "
-        "--out figures/ferkd/{wildcards.scale}/convergence_{wildcards.experiment} --stamp '{params.stamp}' > {log} 2>&1"
+        "python -m papers.ferkd.figures convergence --runs {params.runs:q} "
+        "--out figures/ferkd/{wildcards.scale:q}/convergence_{wildcards.experiment:q} "
+        "--stamp {params.stamp:q} > {log:q} 2>&1"
 
 
 rule reproduce_ferkd:
