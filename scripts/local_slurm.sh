@@ -2,16 +2,16 @@
 # A real one-node SLURM cluster on this machine, from Debian's packages, for testing the workflow's SLURM path
 # (profiles/slurm-local, tests/workflow/test_slurm.py) without a cluster.
 #
-#   scripts/local_slurm.sh start    install if missing, configure, start munged + slurmctld + slurmd, wait until
-#                                   the node is idle (idempotent: a healthy running cluster is left as it is)
+#   scripts/local_slurm.sh start    install if missing, configure, start munged + slurmctld + slurmd, wait
+#                                   until the node is idle (idempotent: a healthy cluster is left as it is)
 #   scripts/local_slurm.sh stop     stop the daemons (idempotent; the packages stay installed)
 #   scripts/local_slurm.sh status   sinfo and the daemons' pids; exit 1 when the cluster is not up
 #
 # Needs root (apt-get, /etc/slurm, daemons). The node gets this machine's cores and memory as `slurmd -C`
 # reports them, no GPUs, in one partition named `local` (the default partition).
 #
-# Accounting: none. snakemake-executor-plugin-slurm asks `sacct` for job states by default, and `sacct` without
-# slurmdbd fails ("Slurm accounting storage is disabled"), so slurmdbd + MariaDB would be needed for that path.
+# Accounting: none. snakemake-executor-plugin-slurm asks `sacct` for job states by default, and `sacct`
+# without slurmdbd fails ("Slurm accounting storage is disabled"), so that path would need slurmdbd + MariaDB.
 # The plugin can instead poll `squeue --states=all` (its `status_command: squeue` setting), which slurmctld
 # answers from memory for MinJobAge seconds after a job ends; we set MinJobAge to an hour, far above the
 # plugin's required 3 x 40 s, and profiles/slurm-local selects `squeue`. No account is used
@@ -41,7 +41,8 @@ die() {
 say() { echo "local_slurm: $*"; }
 
 need_root() {
-  [ "$(id -u)" -eq 0 ] || die "must run as root (it installs packages, writes $CONF and starts daemons); try: sudo $0 $*"
+  [ "$(id -u)" -eq 0 ] \
+    || die "must run as root (it installs packages, writes $CONF and starts daemons); try: sudo $0 $*"
 }
 
 install_if_missing() {
@@ -51,12 +52,16 @@ install_if_missing() {
   done
   [ ${#missing[@]} -eq 0 ] && return 0
   say "installing SLURM and munge from Debian packages (missing: ${missing[*]})"
-  command -v apt-get > /dev/null || die "no apt-get here: install slurmctld, slurmd, slurm-client and munge with this system's package manager"
+  command -v apt-get > /dev/null \
+    || die "no apt-get here: install slurmctld, slurmd, slurm-client and munge with this system's package manager"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q > /dev/null || die "apt-get update failed (is a Debian mirror reachable?)"
   # The packages try to start their services; with no init system that fails harmlessly (policy-rc.d).
-  apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge > /tmp/local_slurm_apt.log 2>&1 \
-    || { tail -20 /tmp/local_slurm_apt.log >&2; die "apt-get install of slurmctld slurmd slurm-client munge failed (log: /tmp/local_slurm_apt.log)"; }
+  local apt_log=/tmp/local_slurm_apt.log
+  if ! apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge > "$apt_log" 2>&1; then
+    tail -20 "$apt_log" >&2
+    die "apt-get install of slurmctld slurmd slurm-client munge failed (full log: $apt_log)"
+  fi
 }
 
 node_line() {
@@ -127,7 +132,8 @@ start_munge() {
   install -d -o munge -g munge -m 0755 "$MUNGE_RUN"
   mkdir -p /var/log/munge /var/lib/munge && chown munge:munge /var/log/munge /var/lib/munge
   runuser -u munge -- /usr/sbin/munged || die "munged did not start (see /var/log/munge/munged.log)"
-  munge -n | unmunge > /dev/null || die "munge cannot encode and decode a credential (see /var/log/munge/munged.log)"
+  munge -n | unmunge > /dev/null \
+    || die "munge cannot encode and decode a credential (see /var/log/munge/munged.log)"
 }
 
 node_state() {
@@ -150,7 +156,11 @@ start() {
   fi
   write_config
   start_munge
-  pid_alive "$RUN_DIR/slurmctld.pid" || /usr/sbin/slurmctld || die "slurmctld did not start; see $LOG_DIR/slurmctld.log"
+  # -c: a fresh controller forgets the jobs of its last life (a test cluster; jobs still "running" in a state
+  # saved before the machine or session stopped would otherwise hold the node until they time out)
+  if ! pid_alive "$RUN_DIR/slurmctld.pid"; then
+    /usr/sbin/slurmctld -c || die "slurmctld did not start; see $LOG_DIR/slurmctld.log"
+  fi
   pid_alive "$RUN_DIR/slurmd.pid" || /usr/sbin/slurmd || die "slurmd did not start; see $LOG_DIR/slurmd.log"
   # reread the config in case the daemons were already running with an older one
   scontrol reconfigure > /dev/null 2>&1 || true
@@ -192,7 +202,7 @@ wait_gone() {  # wait_gone PIDFILE NAME: wait up to 20 s for the process to exit
 stop() {
   need_root "$@"
   if pid_alive "$RUN_DIR/slurmctld.pid"; then
-    # stops slurmctld and every slurmd; running jobs are lost, queued ones kept in the saved state
+    # stops slurmctld and every slurmd; running jobs are lost (the next start forgets all jobs)
     scontrol shutdown > /dev/null 2>&1 || kill "$(cat "$RUN_DIR/slurmctld.pid")" 2> /dev/null || true
   fi
   wait_gone "$RUN_DIR/slurmctld.pid" slurmctld
@@ -205,7 +215,8 @@ stop() {
 
 status() {
   local up=0
-  for daemon in "$MUNGE_RUN/munged.pid munged" "$RUN_DIR/slurmctld.pid slurmctld" "$RUN_DIR/slurmd.pid slurmd"; do
+  for daemon in "$MUNGE_RUN/munged.pid munged" "$RUN_DIR/slurmctld.pid slurmctld" \
+    "$RUN_DIR/slurmd.pid slurmd"; do
     set -- $daemon
     if pid_alive "$1"; then say "$2 running (pid $(cat "$1"))"; else say "$2 not running"; up=1; fi
   done

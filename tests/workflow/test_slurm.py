@@ -181,6 +181,8 @@ def slurm_and_local(tmp_path_factory):
                         "epochs_logged": len((cancelled_run / "log.jsonl").read_text().splitlines())}
         second = run_snakemake(on_slurm, "--profile", PROFILE, TARGET)
         slurm_s = time.time() - started
+        # every job of both calls as slurmctld saw it (kept now: a restarted cluster forgets them)
+        jobs = [row for row in squeue_rows() if row["workdir"] == str(on_slurm)]
     finally:
         scancel_leftovers(on_slurm)
     tables = sorted(p.name for p in (on_slurm / "reports/mixup/smoke").glob("*.csv"))
@@ -190,7 +192,7 @@ def slurm_and_local(tmp_path_factory):
     print(f"\n[slurm test] SLURM calls {slurm_s:.0f} s, local run {local_s:.0f} s")
     return {"on_slurm": on_slurm, "local": local, "first": first, "first_rc": first_rc, "second": second,
             "local_call": local_call, "cancelled": cancelled, "cancelled_job": cancelled_job,
-            "after_cancel": after_cancel, "tables": tables}
+            "after_cancel": after_cancel, "tables": tables, "jobs": jobs}
 
 
 def test_every_job_goes_through_sbatch_and_the_workflow_finishes(slurm_and_local):
@@ -199,8 +201,7 @@ def test_every_job_goes_through_sbatch_and_the_workflow_finishes(slurm_and_local
     for output in (first, second.stdout + second.stderr):
         rules = re.findall(r"^rule (\w+):", output, flags=re.MULTILINE)  # non-local jobs
         assert rules and len(submitted_job_ids(output)) == len(rules), output[-3000:]
-    submitted_rules = {row["comment"].split("_wildcards_")[0] for row in squeue_rows()
-                       if row["workdir"] == str(slurm_and_local["on_slurm"])}
+    submitted_rules = {row["comment"].split("_wildcards_")[0] for row in slurm_and_local["jobs"]}
     assert {"rule_train", "rule_table", "rule_curves", "rule_mixed_examples"} <= submitted_rules
     for name in ("reports/mixup/smoke/cifar10_demo.csv", "figures/mixup/smoke/mixed_examples.png",
                  f"figures/mixup/smoke/curves_{EXPERIMENT}.png"):
@@ -212,8 +213,7 @@ def test_train_jobs_ask_slurm_for_the_experiment_configs_resources(slurm_and_loc
 
     on_slurm = slurm_and_local["on_slurm"]
     wanted = grid.resources("mixup", "smoke", EXPERIMENT, root=on_slurm)
-    ours = [row for row in squeue_rows() if row["workdir"] == str(on_slurm)]
-    trains = [row for row in ours if row["comment"].startswith("rule_train")]
+    trains = [row for row in slurm_and_local["jobs"] if row["comment"].startswith("rule_train")]
     # both runs, and the cancelled one twice (cancelled, then resumed)
     assert len(trains) == 3, trains
     for row in trains:
@@ -221,7 +221,7 @@ def test_train_jobs_ask_slurm_for_the_experiment_configs_resources(slurm_and_loc
             wanted["cpus"], wanted["mem_mb"], wanted["runtime"]), row
     # the profile's defaults (what table jobs get) differ, so the numbers above cannot come from them
     assert (wanted["cpus"], wanted["mem_mb"], wanted["runtime"]) != (1, 2000, 30)
-    tables = [row for row in ours if row["comment"].startswith("rule_table")]
+    tables = [row for row in slurm_and_local["jobs"] if row["comment"].startswith("rule_table")]
     assert tables
     for row in tables:
         assert (int(row["cpus"]), mem_mb(row["mem"]), minutes(row["limit"])) == (1, 2000, 30), row
@@ -231,6 +231,8 @@ def test_a_job_cancelled_mid_training_resumes_on_the_next_call(slurm_and_local):
     first, after = slurm_and_local["first"], slurm_and_local["after_cancel"]
     assert slurm_and_local["first_rc"] != 0, first[-3000:]  # snakemake reports the cancelled job as failed
     assert "CANCELLED" in first, first[-3000:]
+    states = {row["id"]: row["state"] for row in slurm_and_local["jobs"]}
+    assert states[slurm_and_local["cancelled_job"]] == "CANCELLED", states
     assert after["checkpoint"] and not after["metrics"], after
     assert 1 <= after["epochs_logged"] < 3, after  # stopped mid-training (the smoke run has 3 epochs)
     run = RUNS[slurm_and_local["cancelled"]]
