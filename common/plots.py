@@ -305,6 +305,9 @@ def plot_forest(
 ) -> dict[str, list[tuple]]:
     """A forest plot: one row per claim, our gain as a dot with its 95% interval, the paper's gain as a diamond.
 
+    Long (~95 lines) on purpose: it is one figure's layout (panels, rows, markers, legend, shared axis limits),
+    read top to bottom like the figure; split into helpers it would pass a dozen matplotlib objects around.
+
     Args:
         panels: panel title -> entries, each a dict with `label`, `gain`, `low`/`high` (None: no interval),
             `paper_gain` (None: no paper number) and `verdict` (colours the dot). Empty panels are left out.

@@ -24,7 +24,9 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -564,28 +566,96 @@ def train(cfg: RunConfig, out: Path, command: str, on_change: str = "error") -> 
         lock.release()
 
 
-def _train_locked(cfg: RunConfig, out: Path, command: str, on_change: str, accelerator, digest: str) -> dict:
-    from common.data import build_splits
-    from common.models import build_model
+@dataclass
+class Run:
+    """Everything one run holds between its phases (`_train_locked` reads top to bottom like the run)."""
 
-    main = accelerator.is_main_process
-    world = accelerator.num_processes
-    ckpt_path = out / CHECKPOINT
+    cfg: RunConfig
+    out: Path
+    command: str
+    accelerator: Any
+    digest: str
+    info: Any = None
+    train_ds: Any = None
+    method: Any = None
+    model: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    eval_loaders: dict = field(default_factory=dict)
+    device_loader: Any = None
+    ema: Any = None
+    plan: list = field(default_factory=list)  # the method's passes over the data (`TrainPass`)
+    pass_steps: list = field(default_factory=list)  # batches of each pass
+    start_epoch: int = 0
+    updates: int = 0  # optimiser updates so far
+    history: list = field(default_factory=list)  # one log row per pass
+    extras: dict = field(default_factory=dict)  # reliability data kept for metrics.json
+    wall_before: float = 0.0  # seconds spent before a resume
+    started: float = 0.0
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+
+def _train_locked(cfg: RunConfig, out: Path, command: str, on_change: str, accelerator, digest: str) -> dict:
+    """The run, phase by phase: claim the folder, build, resume, one pass per epoch (train, evaluate and select,
+    log and checkpoint), finish."""
     main_state = {}
 
     def prepare_folder() -> str:
-        if check_output_dir(out, digest, on_change, world):
+        if check_output_dir(out, digest, on_change, accelerator.num_processes):
             return "finished"
-        main_state["checkpoint"] = open_checkpoint(out, digest, world, on_change)
+        main_state["checkpoint"] = open_checkpoint(out, digest, accelerator.num_processes, on_change)
         return "fresh" if main_state["checkpoint"] is None else "resume"
 
     status = on_main(accelerator, prepare_folder)
     if status == "finished":
-        if main:
+        if accelerator.is_main_process:
             print(f"[repro] {out}: finished run with the same config already there; nothing to do.")
         metrics = json.loads((out / "metrics.json").read_text())
         accelerator.end_training()
         return metrics
+    run = build_run(Run(cfg, out, command, accelerator, digest))
+    if status == "resume":
+        # the main process read it while deciding; the others read the same file, which no one writes before
+        # the end of the first epoch (after a barrier)
+        resume_run(run, main_state.pop("checkpoint") if run.main else load_checkpoint(out / CHECKPOINT))
+    if run.main:  # the log holds exactly the epochs the model state has seen
+        (out / "config.yaml").write_text(dump_yaml(cfg))
+        (out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in run.history))
+
+    run.started = time.time()
+    # the method's passes over the data (one per epoch unless it counts otherwise); a checkpoint ends a pass
+    first = next((k for k, p in enumerate(run.plan) if p.epoch >= run.start_epoch), len(run.plan))
+    bar = tqdm(range(first, len(run.plan)), desc=f"{cfg.experiment or 'run'}/{run.method.name}/seed{cfg.seed}",
+               initial=first, total=len(run.plan), unit="epoch", disable=not show_progress_bars(run.main),
+               dynamic_ncols=True)
+    for k in bar:
+        row = train_one_pass(run, k)
+        last = k + 1 == len(run.plan)
+        epoch, stop = run.plan[k].epoch, run.plan[k].stop
+        if last or stop // cfg.train.eval_every > epoch // cfg.train.eval_every:
+            evaluate_and_select(run, row)
+        run.history.append(row)
+        log_row(run, row)
+        if last or stop // cfg.train.checkpoint_every > epoch // cfg.train.checkpoint_every:
+            checkpoint_run(run, stop)
+    bar.close()
+    return finish_run(run)
+
+
+def build_run(run: Run) -> Run:
+    """Build phase: data splits, method, model (initialised from the seed alone), the pass plan, optimiser,
+    schedule, evaluation loaders, device placement, device cache and EMA."""
+    from common.data import build_splits
+    from common.models import build_model
+
+    cfg, accelerator, world = run.cfg, run.accelerator, run.world
     d = cfg.data
     train_ds, val_ds, test_ds, info = build_splits(
         d.name, root=d.root, recipe=d.recipe, allow_download=d.allow_download,
@@ -617,13 +687,13 @@ def _train_locked(cfg: RunConfig, out: Path, command: str, on_change: str, accel
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
     updates_per_epoch = max(1, steps_per_epoch // cfg.train.grad_accum)
-    plan, pass_steps = pass_plan(method, train_ds, cfg, accelerator, steps_per_epoch)
+    run.plan, run.pass_steps = pass_plan(method, train_ds, cfg, accelerator, steps_per_epoch)
 
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, updates_per_epoch)
+    run.scheduler = build_scheduler(optimizer, cfg, updates_per_epoch)
     # prepared loaders shard the evaluation batches over the processes and pad the last round with repeats;
     # evaluate() gathers with gather_for_metrics, which drops the repeats: every example counts exactly once
-    eval_loaders = {
+    run.eval_loaders = {
         split: accelerator.prepare(DataLoader(ds, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
                                               shuffle=False, num_workers=cfg.data.num_workers))
         for split, ds in (("val", val_ds), ("test", test_ds)) if ds is not None
@@ -636,169 +706,177 @@ def _train_locked(cfg: RunConfig, out: Path, command: str, on_change: str, accel
         # keep forward hooks visible to the compiled graph (attention capture for TransMix relies on them)
         torch._dynamo.config.skip_nnmodule_hook_guards = False
         model = torch.compile(model)
-    device_loader = None
     if cfg.data.device_cache:
         from common.fastdata import DeviceLoader
 
-        device_loader = DeviceLoader(train_ds, info, cfg.train.batch_size, accelerator.device,
-                                     accelerator.process_index, accelerator.num_processes)
-    ema = None
+        run.device_loader = DeviceLoader(train_ds, info, cfg.train.batch_size, accelerator.device,
+                                         accelerator.process_index, accelerator.num_processes)
     if cfg.train.ema_decay:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.train.ema_decay)
+        run.ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.train.ema_decay)
+    run.info, run.train_ds, run.method, run.model, run.optimizer = info, train_ds, method, model, optimizer
+    return run
 
-    start_epoch, updates, history, wall_before, extras = 0, 0, [], 0.0, {}
-    if status == "resume":
-        # the main process read it while deciding; the others read the same file, which no one writes before
-        # the end of the first epoch (after a barrier)
-        state = main_state["checkpoint"] if main else load_checkpoint(ckpt_path)
-        main_state.clear()
-        accelerator.unwrap_model(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if accelerator.scaler is not None and state.get("scaler"):
-            accelerator.scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        method.load_state_dict(state.get("method", {}))
-        set_rng_state(state["rng"])
-        start_epoch, updates, history = state["epoch"], state["updates"], state["history"]
-        extras = state.get("extras", {})
-        wall_before = state["wall_time_s"]
-        del state
-        if main:
-            print(f"[repro] resuming {out} from epoch {start_epoch} (checkpoint {ckpt_path})")
-    if main:  # the log holds exactly the epochs the model state has seen
-        (out / "config.yaml").write_text(dump_yaml(cfg))
-        (out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
 
-    epochs = cfg.train.epochs
-    total_steps = sum(pass_steps)
-    started = time.time()
-    # the method's passes over the data (one per epoch unless it counts otherwise); a checkpoint ends a pass
-    first = next((k for k, p in enumerate(plan) if p.epoch >= start_epoch), len(plan))
-    bar = tqdm(range(first, len(plan)), desc=f"{cfg.experiment or 'run'}/{method.name}/seed{cfg.seed}",
-               initial=first, total=len(plan), unit="epoch", disable=not show_progress_bars(main),
-               dynamic_ncols=True)
-    for k in bar:
-        train_pass, steps_per_epoch = plan[k], pass_steps[k]
-        epoch, stop = train_pass.epoch, train_pass.stop
-        # every stream is drawn per process (as DeiT and timm seed seed + rank): each process mixes, drops paths
-        # and augments with its own draws; the data order alone is shared (GlobalBatchSampler)
-        seed_globals(derived_seed(cfg.seed, epoch, accelerator.process_index, 2))
-        generator = torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, accelerator.process_index, 3))
-        scheduler.step(epoch)
-        model.train()
-        if device_loader is not None:
-            loader = device_loader.epoch(torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, 0, 1)))
-        else:
-            loader = make_train_loader(method.train_dataset(train_ds, info, train_pass), cfg, epoch, accelerator,
-                                       train_pass.batch_size)
-        sums, count, t0 = {}, 0, time.time()
-        steps = tqdm(loader, total=steps_per_epoch, leave=False, disable=not show_progress_bars(main), unit="batch",
-                     desc=f"epoch {stop}/{epochs}", dynamic_ncols=True)
-        for i, (inputs, targets) in enumerate(steps):
-            if i >= steps_per_epoch:
-                break
-            inputs = inputs.to(accelerator.device, non_blocking=True)
-            if cfg.train.channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            targets = targets.to(accelerator.device, non_blocking=True)
-            step = sum(pass_steps[:k]) + i
-            ctx = StepContext(epoch=epoch, step=step, progress=step / max(1, total_steps), generator=generator)
-            result = optimisation_step(accelerator, model, optimizer, method, (inputs, targets), ctx,
-                                       cfg.train.clip_grad)
-            if accelerator.sync_gradients:
-                updates += 1
-                scheduler.step_update(updates)
-                if ema is not None:
-                    ema.update(accelerator.unwrap_model(model), step=updates)
-            for key, value in result.items():  # tensors stay on the device: no sync per step
-                if key != "logits":
-                    sums[key] = sums.get(key, 0.0) + (value.detach().float() if torch.is_tensor(value) else value)
-            count += 1
-            if i % 50 == 49 or i + 1 == steps_per_epoch:  # one host sync every 50 steps
-                # summed over the processes, so that all of them stop together on a bad loss
-                loss_sum = reduce_sums(accelerator, {"loss": sums["loss"]})["loss"]
-                check_finite(loss_sum, epoch, i, optimizer, out)
-                if main:
-                    steps.set_postfix(loss=f"{float(loss_sum) / (count * world):.3f}")
-        steps.close()
-        sums = reduce_sums(accelerator, sums)  # the epoch's training scalars averaged over every process's steps
-        row = {"epoch": stop, "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": round(time.time() - t0, 3)}
-        if train_pass.epochs != 1:
-            row["pass_epochs"] = train_pass.epochs
-        row.update({f"train_{k}": float(v) / max(1, count * world) for k, v in sums.items()})
-        stats = method.epoch_stats()  # the main process's own (the log is written by it)
-        if stats:
-            row["method_stats"] = stats
-        last = k + 1 == len(plan)
-        if last or stop // cfg.train.eval_every > epoch // cfg.train.eval_every:
-            outputs = {}
-            for split, eval_loader in eval_loaders.items():
-                split_metrics, logits, labels = evaluate(model, eval_loader, accelerator, info.task)
-                row.update({f"{split}_{k}": v for k, v in split_metrics.items()})
-                outputs[split] = (logits, labels)
-                if ema is not None:
-                    ema_metrics = evaluate(ema.module, eval_loader, accelerator, info.task)[0]
-                    row.update({f"{split}_ema_{k}": v for k, v in ema_metrics.items()})
-            if info.task == "classification":
-                extra_row, reliability = calibration_extras(outputs)
-                row.update(extra_row)
-                # keep the reliability data of the final epoch and of the epoch selected on validation
-                extras["final_reliability"] = reliability
-                if "val" in outputs:
-                    chosen = select_epoch([*history, row], cfg.train.select_metric or PRIMARY[info.task][0],
-                                          cfg.train.select_ties)
-                    if chosen is row:
-                        extras["selected_reliability"] = reliability
-        history.append(row)
-        if main:
-            with open(out / "log.jsonl", "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            shown = "  ".join(
-                f"{split}: " + " ".join(f"{k} {v:.4g}" for k, v in _split_metrics(row, split).items()
-                                        if k in SHOWN)
-                for split in eval_loaders if f"{split}_{PRIMARY[info.task][0]}" in row)
-            tqdm.write(f"epoch {stop:>4}/{epochs}  lr {row['lr']:.4g}  loss {row.get('train_loss', 0):.4f}  "
-                       f"{shown}  ({row['epoch_time_s']:.1f} s)")
-        if last or stop // cfg.train.checkpoint_every > epoch // cfg.train.checkpoint_every:
-            accelerator.wait_for_everyone()
-            if main:
-                save_checkpoint(ckpt_path, {
-                    "config_hash": digest, "world_size": world, "epoch": stop, "updates": updates,
-                    "history": history,
-                    "model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                    "ema": ema.state_dict() if ema is not None else None, "method": method.state_dict(),
-                    "rng": rng_state(), "wall_time_s": wall_before + time.time() - started, "extras": extras,
-                })
-    bar.close()
+def resume_run(run: Run, state: dict) -> None:
+    """Resume phase: every state the checkpoint holds (model, optimiser, schedule, scaler, EMA, method, RNGs)."""
+    accelerator = run.accelerator
+    accelerator.unwrap_model(run.model).load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if accelerator.scaler is not None and state.get("scaler"):
+        accelerator.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.method.load_state_dict(state.get("method", {}))
+    set_rng_state(state["rng"])
+    run.start_epoch, run.updates, run.history = state["epoch"], state["updates"], state["history"]
+    run.extras = state.get("extras", {})
+    run.wall_before = state["wall_time_s"]
+    if run.main:
+        print(f"[repro] resuming {run.out} from epoch {run.start_epoch} (checkpoint {run.out / CHECKPOINT})")
+
+
+def train_one_pass(run: Run, k: int) -> dict:
+    """One pass over the training data (one epoch unless the method counts otherwise): per-pass random streams,
+    the schedule, every optimisation step. The steps' scalars are summed on the device and read at the NaN-check
+    interval and once at the end. Returns the log row's training part."""
+    cfg, accelerator, model, method, optimizer = run.cfg, run.accelerator, run.model, run.method, run.optimizer
+    train_pass, steps_per_epoch = run.plan[k], run.pass_steps[k]
+    epoch, stop = train_pass.epoch, train_pass.stop
+    total_steps = sum(run.pass_steps)
+    # every stream is drawn per process (as DeiT and timm seed seed + rank): each process mixes, drops paths
+    # and augments with its own draws; the data order alone is shared (GlobalBatchSampler)
+    seed_globals(derived_seed(cfg.seed, epoch, accelerator.process_index, 2))
+    generator = torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, accelerator.process_index, 3))
+    run.scheduler.step(epoch)
+    model.train()
+    if run.device_loader is not None:
+        loader = run.device_loader.epoch(torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, 0, 1)))
+    else:
+        loader = make_train_loader(method.train_dataset(run.train_ds, run.info, train_pass), cfg, epoch, accelerator,
+                                   train_pass.batch_size)
+    sums, count, t0 = {}, 0, time.time()
+    steps = tqdm(loader, total=steps_per_epoch, leave=False, disable=not show_progress_bars(run.main), unit="batch",
+                 desc=f"epoch {stop}/{cfg.train.epochs}", dynamic_ncols=True)
+    for i, (inputs, targets) in enumerate(steps):
+        if i >= steps_per_epoch:
+            break
+        inputs = inputs.to(accelerator.device, non_blocking=True)
+        if cfg.train.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        targets = targets.to(accelerator.device, non_blocking=True)
+        step = sum(run.pass_steps[:k]) + i
+        ctx = StepContext(epoch=epoch, step=step, progress=step / max(1, total_steps), generator=generator)
+        result = optimisation_step(accelerator, model, optimizer, method, (inputs, targets), ctx,
+                                   cfg.train.clip_grad)
+        if accelerator.sync_gradients:
+            run.updates += 1
+            run.scheduler.step_update(run.updates)
+            if run.ema is not None:
+                run.ema.update(accelerator.unwrap_model(model), step=run.updates)
+        for key, value in result.items():  # tensors stay on the device: no sync per step
+            if key != "logits":
+                sums[key] = sums.get(key, 0.0) + (value.detach().float() if torch.is_tensor(value) else value)
+        count += 1
+        if i % 50 == 49 or i + 1 == steps_per_epoch:  # one host sync every 50 steps
+            # summed over the processes, so that all of them stop together on a bad loss
+            loss_sum = reduce_sums(accelerator, {"loss": sums["loss"]})["loss"]
+            check_finite(loss_sum, epoch, i, optimizer, run.out)
+            if run.main:
+                steps.set_postfix(loss=f"{float(loss_sum) / (count * run.world):.3f}")
+    steps.close()
+    sums = reduce_sums(accelerator, sums)  # the epoch's training scalars averaged over every process's steps
+    row = {"epoch": stop, "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": round(time.time() - t0, 3)}
+    if train_pass.epochs != 1:
+        row["pass_epochs"] = train_pass.epochs
+    row.update({f"train_{k}": float(v) / max(1, count * run.world) for k, v in sums.items()})
+    stats = method.epoch_stats()  # the main process's own (the log is written by it)
+    if stats:
+        row["method_stats"] = stats
+    return row
+
+
+def evaluate_and_select(run: Run, row: dict) -> None:
+    """Evaluate/select phase: metrics of every split (and of the EMA model) into `row`; for classification the
+    calibration extras, keeping the reliability data of the final epoch and of the epoch selected on validation."""
+    outputs, task = {}, run.info.task
+    for split, eval_loader in run.eval_loaders.items():
+        split_metrics, logits, labels = evaluate(run.model, eval_loader, run.accelerator, task)
+        row.update({f"{split}_{k}": v for k, v in split_metrics.items()})
+        outputs[split] = (logits, labels)
+        if run.ema is not None:
+            ema_metrics = evaluate(run.ema.module, eval_loader, run.accelerator, task)[0]
+            row.update({f"{split}_ema_{k}": v for k, v in ema_metrics.items()})
+    if task == "classification":
+        extra_row, reliability = calibration_extras(outputs)
+        row.update(extra_row)
+        run.extras["final_reliability"] = reliability
+        if "val" in outputs:
+            cfg = run.cfg
+            chosen = select_epoch([*run.history, row], cfg.train.select_metric or PRIMARY[task][0],
+                                  cfg.train.select_ties)
+            if chosen is row:
+                run.extras["selected_reliability"] = reliability
+
+
+def log_row(run: Run, row: dict) -> None:
+    """Append the row to log.jsonl and print the one line per epoch (main process)."""
+    if not run.main:
+        return
+    with open(run.out / "log.jsonl", "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    primary = PRIMARY[run.info.task][0]
+    shown = "  ".join(
+        f"{split}: " + " ".join(f"{k} {v:.4g}" for k, v in _split_metrics(row, split).items() if k in SHOWN)
+        for split in run.eval_loaders if f"{split}_{primary}" in row)
+    tqdm.write(f"epoch {row['epoch']:>4}/{run.cfg.train.epochs}  lr {row['lr']:.4g}  "
+               f"loss {row.get('train_loss', 0):.4f}  {shown}  ({row['epoch_time_s']:.1f} s)")
+
+
+def checkpoint_run(run: Run, stop: int) -> None:
+    """Write checkpoint/last.pt (main process, after every process has finished the pass)."""
+    accelerator = run.accelerator
+    accelerator.wait_for_everyone()
+    if run.main:
+        save_checkpoint(run.out / CHECKPOINT, {
+            "config_hash": run.digest, "world_size": run.world, "epoch": stop, "updates": run.updates,
+            "history": run.history,
+            "model": accelerator.unwrap_model(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "ema": run.ema.state_dict() if run.ema is not None else None, "method": run.method.state_dict(),
+            "rng": rng_state(), "wall_time_s": run.wall_before + time.time() - run.started, "extras": run.extras,
+        })
+
+
+def finish_run(run: Run) -> dict:
+    """Finish phase: metrics.json from the history, provenance.json, then metrics.json last (main process)."""
+    cfg, info, history, extras = run.cfg, run.info, run.history, run.extras
     metrics = summarise(history, info.task, cfg.train.select, cfg.train.select_metric, cfg.train.select_ties)
     if "final_reliability" in extras:
         metrics["final_reliability"] = extras["final_reliability"]
     if "selected" in metrics and "selected_reliability" in extras:
         metrics["selected"]["reliability"] = extras["selected_reliability"]
-    if ema is not None:
+    if run.ema is not None:
         metrics["final_ema"] = {k[len("test_ema_"):]: v for k, v in history[-1].items() if k.startswith("test_ema_")}
-    wall = wall_before + time.time() - started
-    metrics.update({"epochs": epochs, "wall_time_s": round(wall, 3), "scale": cfg.scale,
-                    "dataset": info.name, "model": cfg.model.name, "method": method.name, "seed": cfg.seed})
-    if main:
-        write_json(out / "provenance.json", provenance(
-            digest, wall, world,
-            extra={"command": command, "data_source": info.source, "experiment": cfg.experiment,
+    wall = run.wall_before + time.time() - run.started
+    metrics.update({"epochs": cfg.train.epochs, "wall_time_s": round(wall, 3), "scale": cfg.scale,
+                    "dataset": info.name, "model": cfg.model.name, "method": run.method.name, "seed": cfg.seed})
+    if run.main:
+        write_json(run.out / "provenance.json", provenance(
+            run.digest, wall, run.world,
+            extra={"command": run.command, "data_source": info.source, "experiment": cfg.experiment,
                    "paper": cfg.paper, "scale": cfg.scale,
                    # a copy of the result: if a workflow deletes metrics.json to retrain after a config
                    # change, supersede() keeps this file, so the old result is never lost
                    "metrics": metrics},
         ))
-        write_json(out / "metrics.json", metrics)  # written last: its presence means "finished"
-        print(f"[repro] finished {out} in {wall / 60:.1f} min: "
+        write_json(run.out / "metrics.json", metrics)  # written last: its presence means "finished"
+        print(f"[repro] finished {run.out} in {wall / 60:.1f} min: "
               f"{metrics['primary_metric']} final {metrics['final'][metrics['primary_metric']]:.4g}")
-    accelerator.end_training()
+    run.accelerator.end_training()
     return metrics
 
 
