@@ -128,7 +128,9 @@ def augment(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, flips:
     c = torch.where(flips.to(device).view(B, 1, 1), c.flip(-1), c)  # flipping after the crop = reversed columns
     batch = torch.arange(B, device=device).view(B, 1, 1)
     crops = padded.permute(0, 2, 3, 1)[batch, r, c]  # (B, H, W, C)
-    out = crops.permute(0, 3, 1, 2).float().div_(255.0)
+    # contiguous NCHW, as the DataLoader path hands out: the permuted view is channels-last, and torch 2.14's CPU
+    # convolution backward segfaults on channels-last 64-px batches on AVX-512 hosts (train.channels_last opts in)
+    out = crops.permute(0, 3, 1, 2).contiguous().float().div_(255.0)
     mean = torch.tensor(mean, device=device).view(1, C, 1, 1)
     std = torch.tensor(std, device=device).view(1, C, 1, 1)
     return out.sub_(mean).div_(std)

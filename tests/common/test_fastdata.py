@@ -51,6 +51,17 @@ def test_augment_equals_torchvision_pad_crop_flip_normalise():
         assert torch.allclose(ours[b], want, atol=1e-6)
 
 
+def test_augmented_batches_are_contiguous_nchw_like_the_dataloader_path():
+    """Same memory layout as the standard path: a channels-last batch takes other CPU kernels (torch 2.14's
+    convolution backward segfaults on 64-px channels-last batches on AVX-512 hosts)."""
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    rows, cols, flips = torch.tensor([0, 4, 8]), torch.tensor([8, 4, 0]), torch.tensor([True, False, True])
+    out = augment(images, rows, cols, flips, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert out.shape == (3, 3, 64, 64) and out.is_contiguous()
+    centre = (images[1].float() / 255 - 0.5) / 0.25  # offset (4, 4) of a 4-padded image = the image itself
+    assert torch.allclose(out[1], centre, atol=1e-6)
+
+
 def test_crop_and_flip_law_matches_torchvision_random_crop():
     """Offsets uniform over {0..8} and flips with probability 1/2, like RandomCrop(32, 4) + RandomHorizontalFlip."""
     n = 9000
