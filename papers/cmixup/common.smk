@@ -1,7 +1,8 @@
 # Helper functions of the C-Mixup rules (papers/cmixup/workflow.smk).
 CMIXUP_STAMPS = {
-    "smoke": "smoke scale: Airfoil, 3 epochs, 1 seed, CPU; numbers meaningless, only the pipeline is tested",
-    "proxy": "proxy scale = the official Airfoil recipe (100 epochs, batch 16), on a CPU",
+    "smoke": "smoke scale: committed samples of each dataset, 1-3 epochs, 1 seed, CPU; numbers meaningless, only the "
+    "pipeline is tested",
+    "proxy": "proxy scale = each dataset's official recipe (src/config.py, main.sh), on a CPU",
     "paper": "paper scale: the official settings on every dataset we have",
 }
 
