@@ -17,6 +17,10 @@ from torch import nn
 from common import models
 from common.errors import ReproError
 from common.models import MODEL_NAMES, ModelArgumentError, PreActBlock, build_model
+from tests.layer_counts import bn as _bn
+from tests.layer_counts import conv as _conv
+from tests.layer_counts import linear as _linear
+from tests.layer_counts import num_params as _num_params
 
 IMAGE_MODELS = list(MODEL_NAMES)  # papers test their own models (tests/papers/test_<paper>_model.py)
 CNN_STEM_WIDTH = {"preact_resnet18_cifar": 64, "resnet18_cifar": 64, "wrn28_10_cifar": 16}
@@ -29,18 +33,6 @@ def _seed():
 
 # ----------------------------------------------------------------------------------------------------
 # Independent parameter counts
-
-
-def _conv(in_chs: int, out_chs: int, kernel: int) -> int:
-    return in_chs * out_chs * kernel * kernel  # all convs are bias-free
-
-
-def _bn(chs: int) -> int:
-    return 2 * chs
-
-
-def _linear(in_features: int, out_features: int) -> int:
-    return in_features * out_features + out_features
 
 
 def _preact_resnet_count(stem: int, widths: list[int], depths: list[int], num_classes: int) -> int:
@@ -75,10 +67,6 @@ def _vit_count(embed: int, depth: int, num_tokens: int, num_classes: int, patch:
     block += _linear(embed, 4 * embed) + _linear(4 * embed, embed)
     stem = 3 * patch * patch * embed + embed + embed + num_tokens * embed
     return stem + depth * block + _bn(embed) + _linear(embed, num_classes)
-
-
-def _num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def test_param_counts_match_architecture():

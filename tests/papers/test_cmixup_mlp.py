@@ -11,27 +11,12 @@ from torch import nn
 from common.errors import ReproError
 from common.models import ModelArgumentError, build_model
 from papers.cmixup.mlp import MODEL_NAMES
+from tests.layer_counts import num_params as _num_params
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def _conv(in_chs: int, out_chs: int, kernel: int) -> int:
-    return in_chs * out_chs * kernel * kernel  # all convs are bias-free
-
-
-def _bn(chs: int) -> int:
-    return 2 * chs
-
-
-def _linear(in_features: int, out_features: int) -> int:
-    return in_features * out_features + out_features
-
-
-def _num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -12,27 +12,15 @@ from common.errors import ReproError
 from common.models import build_model
 from papers.resizemix import model as models
 from papers.resizemix.model import MODEL_NAMES
+from tests.layer_counts import bn as _bn
+from tests.layer_counts import conv as _conv
+from tests.layer_counts import linear as _linear
+from tests.layer_counts import num_params as _num_params
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def _conv(in_chs: int, out_chs: int, kernel: int) -> int:
-    return in_chs * out_chs * kernel * kernel  # all convs are bias-free
-
-
-def _bn(chs: int) -> int:
-    return 2 * chs
-
-
-def _linear(in_features: int, out_features: int) -> int:
-    return in_features * out_features + out_features
-
-
-def _num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
