@@ -12,6 +12,10 @@ from papers.cmixup.method import (
     sample_partners,
 )
 from papers.cmixup.mlp import RegressionMLP, mlp_regression  # noqa: F401  (registers `mlp_regression` into timm)
+from papers.cmixup.resnet_rcf import (  # registers `resnet18_rcf` (RCF-MNIST) into timm
+    RCFResNet18,
+    resnet18_rcf,
+)
 
 __all__ = [
     "CMixup",
@@ -21,6 +25,7 @@ __all__ = [
     "LocalMixup",
     "ManifoldMixupRegression",
     "MixupRegression",
+    "RCFResNet18",
     "kmixup_partners",
     "local_weights",
     "lstnet",
@@ -28,5 +33,6 @@ __all__ = [
     "optimal_assignment",
     "pair_probabilities",
     "pair_probability_rows",
+    "resnet18_rcf",
     "sample_partners",
 ]

@@ -41,6 +41,7 @@ from common.data import (
     register_dataset,
 )
 from common.errors import ReproError
+from papers.cmixup import rcf_mnist
 
 SAMPLES = REPO_ROOT / "tests" / "data"
 ID_SPLIT = (0.7, 0.1)  # config.py id_train_val_split [0.7, 0.1, 0.2]: train and valid shares (the rest: test)
@@ -314,6 +315,38 @@ def _exchange_rate_mini(root: Path | None, allow_download: bool) -> _RawSplits:
 @register_dataset("electricity")
 def _electricity(root: Path | None, allow_download: bool) -> _RawSplits:
     return _time_series("electricity", root)
+
+
+# ------------------------------------------------------------------------------------------------ RCF-MNIST
+def _rcf_mnist(name: str, root: Path | None, split_seed: int, sample: bool) -> _RawSplits:
+    """RCF-MNIST built from the Fashion-MNIST training images (papers/cmixup/rcf_mnist.py)."""
+    if sample:
+        folder = Path(root) if root is not None else SAMPLES / "fashion_mnist-mini"
+        path = folder / f"{rcf_mnist.TRAIN_IMAGES}.gz"
+        if not path.is_file():
+            raise ReproError(f"the committed sample {path} is missing; rebuild it with `python -m "
+                             "papers.cmixup.rcf_mnist sample` (needs Fashion-MNIST).")
+    else:
+        _, path = rcf_mnist.fashion_mnist_folder(root)
+    images = rcf_mnist.read_idx(path)
+    if images.ndim != 3:
+        raise ReproError(f"{path} holds an array of shape {images.shape}; expected (N, 28, 28) images (the "
+                         "train-images idx file, not the labels).")
+    splits = rcf_mnist.build_rcf_mnist(images, split_seed)
+    info = DataInfo(name, "regression", 1, images.shape[1], (0.5,) * 3, (0.5,) * 3, _source(path, split_seed))
+    return _RawSplits(splits["train"], splits["test"], info, val=splits["valid"])
+
+
+@register_dataset("rcf_mnist", seeded_split=True)
+def _rcf_mnist_full(root: Path | None, allow_download: bool, split_seed: int = 0) -> _RawSplits:
+    """RCF-MNIST from the 60,000 Fashion-MNIST training images: 40,000 / 10,000 / 10,000; 2 test domains."""
+    return _rcf_mnist("rcf_mnist", root, split_seed, sample=False)
+
+
+@register_dataset("rcf_mnist-mini", seeded_split=True)
+def _rcf_mnist_mini(root: Path | None, allow_download: bool, split_seed: int = 0) -> _RawSplits:
+    """RCF-MNIST from the committed 120-image sample (tests/data/fashion_mnist-mini/): smoke runs only."""
+    return _rcf_mnist("rcf_mnist-mini", root, split_seed, sample=True)
 
 
 __all__ = ["DATA_ROOT_ENV", "domain_split", "in_distribution_split", "min_max_stats", "read_crime", "read_no2",
