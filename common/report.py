@@ -173,18 +173,21 @@ def build_table(paper: str, scale: str, table_id: str, results: Path, root: Path
             interval = interval_text(comparison, like=cell.mean)
             paired = PAIRED_TEXT[comparison.paired]
             verdict = verdict_text(claim_rules.judge(paper_gain, comparison), comparand, scale)
+        no_data = row.get("data_path") if not cell.values else None  # not staged here: paper_results data_path
         rows.append({
             "setting": row["setting"], "method": row["method"],
             # "—": the paper (or its benchmark) published no number for this row
             "paper": fmt(row.get("paper"), like=row.get("paper")) if row.get("paper") is not None else "—",
             "paper_verified": "yes" if row.get("verified") else "no",
-            "ours": cell.text(), "n": f"{len(cell.values)}/{cell.expected}",
+            "ours": f"data not available ({no_data})" if no_data else cell.text(),
+            "n": f"{len(cell.values)}/{cell.expected}",
             "delta": fmt(cell.mean - row["paper"] if cell.values and row.get("paper") is not None else None,
                          signed=True, like=row.get("paper")),
             "paper_gain": fmt(paper_gain, signed=True, like=row.get("paper")) if row["method"] != baseline
             else "baseline",
             "ours_gain": fmt(ours_gain, signed=True, like=cell.mean) if row["method"] != baseline else "baseline",
-            "interval": interval, "paired": paired, "verdict": verdict,
+            "interval": interval, "paired": paired,
+            "verdict": "data not available" if no_data and verdict == "not run" else verdict,
         })
     return spec, table, rows
 
