@@ -31,6 +31,13 @@ no baseline row compares with nothing and is not a claim either.
   exactly 0 (a tie in the paper) has no side: it is ``not reproduced`` when we find a significant difference
   and ``inconclusive`` otherwise (with no seed count: no interval separates 0 from 0).
 
+**Claims in words** (a row with ``expect:``, for papers whose claim is a direction, not a number): ``expect:
+better`` is judged against the ``margin`` the row or table states before the runs (default 0): ``reproduced`` when
+the interval lies above the margin, ``not reproduced`` when it lies below it, ``inconclusive`` otherwise;
+``expect: no_better`` ("method X is ineffective") is ``reproduced`` when the whole interval lies below the margin
+(no gain of that size), ``not reproduced`` when it lies above it, ``inconclusive`` otherwise. Such rows need no
+paper number; when the paper prints numbers too, the paper's gain is shown but the words are judged.
+
 **Seeds needed** (for ``inconclusive``): the smallest number of seeds per arm ``n`` at which the interval,
 computed with the observed per-seed spread (the SD of the paired differences, or both arms' SDs for Welch)
 and the same pairing, would be narrower than ``|paper gain|``; an interval that narrow cannot contain both 0
@@ -289,13 +296,19 @@ class Verdict:
         return f">{SEEDS_CAP}" if self.seeds_needed > SEEDS_CAP else str(self.seeds_needed)
 
 
-def judge(paper_gain: float | None, comparison: Comparison, min_seeds: int = MIN_SEEDS) -> Verdict:
-    """The verdict on one claim (rules in the module docstring)."""
+EXPECTATIONS = ("better", "no_better")
+
+
+def judge(paper_gain: float | None, comparison: Comparison, min_seeds: int = MIN_SEEDS, expect: str | None = None,
+          margin: float | None = None) -> Verdict:
+    """The verdict on one claim (rules in the module docstring); `expect`/`margin`: a claim in words."""
     n_m, n_b = comparison.n_method, comparison.n_baseline
     if not n_m or not n_b:
         return Verdict("not run", note="no finished run of the " + ("method" if not n_m else "baseline"))
     if min(n_m, n_b) < min_seeds or comparison.low is None:
         return Verdict("too few runs", note=f"{min(n_m, n_b)} seed(s) in an arm; a verdict needs {min_seeds}")
+    if expect is not None:
+        return judge_words(comparison, expect, margin or 0.0)
     if paper_gain is None:
         return Verdict("no paper gain", note="the paper prints no number for the method or the baseline")
     low, high, g = comparison.low, comparison.high, paper_gain
@@ -317,6 +330,25 @@ def judge(paper_gain: float | None, comparison: Comparison, min_seeds: int = MIN
     return Verdict("not reproduced", note="the paper's gain lies outside our interval; no significant effect")
 
 
+def judge_words(comparison: Comparison, expect: str, margin: float) -> Verdict:
+    """A claim stated as a direction: `better` (gain above `margin`) or `no_better` (no gain above `margin`)."""
+    low, high = comparison.low, comparison.high
+    if expect == "better":
+        if low > margin:
+            return Verdict("reproduced", note=f"gain above the stated margin {margin:g}")
+        if high < margin:
+            return Verdict("not reproduced", note=f"gain below the stated margin {margin:g}" + (
+                "; significantly worse than the baseline" if high < 0 else ""))
+        return Verdict("inconclusive", note=f"the interval holds the stated margin {margin:g}")
+    if expect == "no_better":
+        if high < margin:
+            return Verdict("reproduced", note=f"no gain of {margin:g} or more")
+        if low > margin:
+            return Verdict("not reproduced", note=f"a gain above the stated margin {margin:g}")
+        return Verdict("inconclusive", note=f"the interval holds the stated margin {margin:g}")
+    raise ReproError(f"expect must be one of {', '.join(EXPECTATIONS)}, got {expect!r}.")
+
+
 # ---------------------------------------------------------------------------------------------- claims
 @dataclass(frozen=True)
 class Comparand:
@@ -334,6 +366,13 @@ class Comparand:
     paper_method: float | None
     paper_baseline: float | None
     is_claim: bool
+    expect: str | None = None  # a claim in words (module docstring): better | no_better
+    margin: float | None = None
+
+    @property
+    def expectation(self) -> dict:
+        """`expect` and `margin` as keyword arguments of `judge`."""
+        return {"expect": self.expect, "margin": self.margin}
 
     @property
     def paper_gain(self) -> float | None:
@@ -386,8 +425,16 @@ def table_comparands(table_id: str, table: dict, where: str = "") -> list[Compar
             metric=table["metric"], statistic=table["statistic"], higher_is_better=direction,
             method_experiment=row_experiment(table, row), baseline_experiment=row_experiment(table, base),
             paper_method=row.get("paper"), paper_baseline=base.get("paper"),
-            is_claim=table.get("claims", True) and row.get("claim", True)))
+            is_claim=table.get("claims", True) and row.get("claim", True),
+            expect=_expectation(row, where), margin=row.get("margin", table.get("margin"))))
     return out
+
+
+def _expectation(row: dict, where: str) -> str | None:
+    expect = row.get("expect")
+    if expect is not None and expect not in EXPECTATIONS:
+        raise ReproError(f"{where}: row {row['method']!r} has expect: {expect!r}; use one of {', '.join(EXPECTATIONS)}.")
+    return expect
 
 
 def paper_claims(spec: dict, where: str = "") -> list[Comparand]:

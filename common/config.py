@@ -46,6 +46,9 @@ class DataConfig:
     # false: every epoch takes the training batches in dataset order (C-Mixup's out-of-distribution datasets,
     # algorithm.train: no shuffle when is_ood); one process, standard DataLoader only
     shuffle: bool = True
+    # the dataset's own options, passed to its registered builder (ICM: complementary-label setting, clusters);
+    # a builder that takes none, or an option it does not know, is an error naming what it accepts
+    options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -56,7 +59,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | adamw
+    name: str = "sgd"  # sgd | adamw | adam (L2 added to the gradient, torch.optim.Adam's weight_decay)
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
@@ -65,6 +68,9 @@ class OptimConfig:
     eps: float = 1e-8
     # exclude 1-D params (biases, norms) and model.no_weight_decay() (pos_embed, cls_token) from decay
     no_decay_1d: bool = False
+    # a fresh optimiser state (moments, step count) at the start of every epoch: ICM's official train_icm
+    # re-creates Adam inside its epoch loop
+    reset_each_epoch: bool = False
 
 
 @dataclass
@@ -323,6 +329,8 @@ _ADDED_LATER = {
     ("data", "val_per_class"): False,
     ("data", "repeated_aug"): 0,
     ("data", "shuffle"): True,
+    ("data", "options"): {},
+    ("optim", "reset_each_epoch"): False,
     ("schedule", "cooldown_epochs"): 0,
     ("train", "find_unused_parameters"): False,
     ("train", "world_size"): 1,  # every committed run trained in one process

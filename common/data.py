@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -130,6 +131,9 @@ class _RawSplits:
     # (features become (x - mean) / std), instead of standardising on the training rows
     stats: tuple[tuple, tuple] | None = None
     val: Any = None  # the dataset's own validation split, if it has one (then val_split must be 0)
+    # the splits are final torch Datasets (tensors, already normalised): no transforms are added (ICM's flat
+    # MNIST-family images, whose augmentation runs batched on the device inside the method)
+    ready: bool = False
 
 
 _DATASETS: dict[str, Callable[..., _RawSplits]] = {}
@@ -323,6 +327,7 @@ def build_datasets(
     split_seed: int = 0,
     image_size: int | None = None,
     val_per_class: bool = False,
+    options: dict | None = None,
 ) -> tuple[Dataset, Dataset, DataInfo]:
     """Build the training and evaluation datasets of a registered dataset.
 
@@ -344,12 +349,13 @@ def build_datasets(
         image_size: output image side; None keeps the recipe's default (the native size for 'cifar', 224
             for 'deit', the native size if the dataset has one else 224 for 'rrc_flip' and 'cutmix_imagenet').
             With 'deit' on CIFAR this upsamples.
+        options: the dataset's own options (`data.options`), keyword arguments of its registered builder.
 
     Returns:
         `(train_ds, eval_ds, info)`.
     """
     train_ds, val_ds, test_ds, info = _build(
-        name, root, recipe, allow_download, val_split, split_seed, image_size, val_per_class
+        name, root, recipe, allow_download, val_split, split_seed, image_size, val_per_class, options
     )
     return train_ds, (val_ds if val_ds is not None else test_ds), info
 
@@ -363,9 +369,10 @@ def build_splits(
     split_seed: int = 0,
     image_size: int | None = None,
     val_per_class: bool = False,
+    options: dict | None = None,
 ):
     """`(train_ds, val_ds or None, test_ds, info)`: every split, for trainers that select on validation."""
-    return _build(name, root, recipe, allow_download, val_split, split_seed, image_size, val_per_class)
+    return _build(name, root, recipe, allow_download, val_split, split_seed, image_size, val_per_class, options)
 
 
 def build_test_dataset(
@@ -377,20 +384,27 @@ def build_test_dataset(
     split_seed: int = 0,
     image_size: int | None = None,
     val_per_class: bool = False,
+    options: dict | None = None,
 ) -> Dataset:
     """The test split with the evaluation transform, whatever `val_split` is.
 
     Pass the same arguments as to `build_datasets` so tabular features get the same standardisation.
     """
-    return _build(name, root, recipe, allow_download, val_split, split_seed, image_size, val_per_class)[2]
+    return _build(name, root, recipe, allow_download, val_split, split_seed, image_size, val_per_class, options)[2]
 
 
-def _build(name, root, recipe, allow_download, val_split, split_seed, image_size, val_per_class=False):
+def _build(name, root, recipe, allow_download, val_split, split_seed, image_size, val_per_class=False,
+           options=None):
     _import_papers()
     if name not in _DATASETS:
         raise unknown_name("dataset", name, _DATASETS)
     extra = {"split_seed": split_seed} if name in _SEEDED_SPLITS else {}
+    extra.update(_check_options(name, _DATASETS[name], options or {}))
     raw = _DATASETS[name](Path(root).expanduser() if root is not None else None, allow_download, **extra)
+    if raw.ready:  # final tensor datasets: no transforms, no hold-out of ours
+        if val_split:
+            raise ReproError(f"dataset {name!r} builds its own splits; set data.val_split=0.")
+        return raw.train, raw.val, raw.test, copy.copy(raw.info)
     if raw.val is not None and val_split:
         raise ReproError(
             f"dataset {name!r} has its own validation split ({len(raw.val)} examples), so "
@@ -438,6 +452,16 @@ def _build(name, root, recipe, allow_download, val_split, split_seed, image_size
         return train_ds, None, test_ds, info
     val_ds = Subset(TransformedImages(raw.train, eval_tf), val_idx)
     return Subset(train_ds, train_idx), val_ds, test_ds, info
+
+
+def _check_options(name: str, builder: Callable, options: dict) -> dict:
+    """`data.options` checked against the builder's keyword-only parameters (its options)."""
+    accepted = [p.name for p in inspect.signature(builder).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        takes = f"it takes {', '.join(accepted)}" if accepted else "it takes none"
+        raise ReproError(f"dataset {name!r} has no option {', '.join(map(repr, unknown))} (data.options): {takes}.")
+    return dict(options)
 
 
 def _split_indices(

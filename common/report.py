@@ -49,7 +49,8 @@ def paper_results(paper: str, root: Path = REPO_ROOT) -> dict:
 
 
 def statistic_value(metrics: dict, statistic: str, metric: str) -> float | None:
-    """One run's number for a table: `statistic` in median_last10 | best | final; `metric` may be 'error'."""
+    """One run's number for a table: `statistic` in median_last10 | best | final | selected | selected_val;
+    `metric` may be 'error'."""
     primary = metrics.get("primary_metric", "top1")
     key = primary if metric == "error" else metric
     if statistic == "median_last10":
@@ -58,8 +59,11 @@ def statistic_value(metrics: dict, statistic: str, metric: str) -> float | None:
         value = metrics.get(statistic, {}).get(key)
     elif statistic == "selected":  # test metrics of the epoch chosen on validation
         value = metrics.get("selected", {}).get("test", {}).get(key)
+    elif statistic == "selected_val":  # the validation metric of that epoch (ICM: the official best test score)
+        value = metrics.get("selected", {}).get("val", {}).get(key)
     else:
-        raise ReproError(f"unknown table statistic {statistic!r}; use median_last10, best, final or selected.")
+        raise ReproError(f"unknown table statistic {statistic!r}; use median_last10, best, final, selected or "
+                         "selected_val.")
     if value is None:
         return None
     return 100.0 - value if metric == "error" else float(value)
@@ -172,7 +176,8 @@ def build_table(paper: str, scale: str, table_id: str, results: Path, root: Path
             comparison = claim_rules.compare(cell.samples, base_cell.samples, comparand.higher_is_better)
             interval = interval_text(comparison, like=cell.mean)
             paired = PAIRED_TEXT[comparison.paired]
-            verdict = verdict_text(claim_rules.judge(paper_gain, comparison), comparand, scale)
+            verdict = verdict_text(claim_rules.judge(paper_gain, comparison, **comparand.expectation), comparand,
+                                   scale)
         no_data = row.get("data_path") if not cell.values else None  # not staged here: paper_results data_path
         rows.append({
             "setting": row["setting"], "method": row["method"],
@@ -327,7 +332,7 @@ def judge_paper(paper: str, scale: str, results: Path, root: Path = REPO_ROOT) -
         comparison = claim_rules.compare(cell(claim.method_experiment, claim.method, claim).samples,
                                          cell(claim.baseline_experiment, claim.baseline, claim).samples,
                                          claim.higher_is_better)
-        verdict = claim_rules.judge(claim.paper_gain, comparison)
+        verdict = claim_rules.judge(claim.paper_gain, comparison, **claim.expectation)
         if verdict.verdict == "not run" and None in (claim.method_experiment, claim.baseline_experiment):
             verdict = claim_rules.Verdict("not run", note="no experiment of ours (`experiment: null`)")
         judged.append(ClaimResult(paper, scale, claim, comparison, verdict))

@@ -53,17 +53,20 @@ def seed_globals(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig, owned: dict | None = None) -> torch.optim.Optimizer:
+    """The optimiser over the model's parameters and those of the modules the method owns (`Method.attach`)."""
     import timm.optim
 
+    if owned:  # one container: weight-decay filtering and parameter names as for the model alone
+        model = torch.nn.ModuleDict({"model": model, **{f"method_{k}": m for k, m in owned.items()}})
     o = cfg.optim
     if o.name == "sgd":
         # timm's 'sgd' is Nesterov and 'momentum' is plain heavy-ball SGD
         opt, extra = ("sgd" if o.nesterov else "momentum"), {}
-    elif o.name == "adamw":
-        opt, extra = "adamw", {"betas": tuple(o.betas), "eps": o.eps}
+    elif o.name in ("adamw", "adam"):
+        opt, extra = o.name, {"betas": tuple(o.betas), "eps": o.eps}
     else:
-        raise ReproError(f"optim.name must be 'sgd' or 'adamw', got {o.name!r}.")
+        raise ReproError(f"optim.name must be 'sgd', 'adamw' or 'adam', got {o.name!r}.")
     return timm.optim.create_optimizer_v2(
         model, opt=opt, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
         filter_bias_and_bn=o.no_decay_1d, **extra,
@@ -322,6 +325,9 @@ def summarise(history: list[dict], task: str, select: str = "last", select_metri
         "best": _split_metrics(best_row, "test"), "best_epoch": best_row["epoch"],
         f"median_last10_{key}": statistics.median(last10), "n_evals_in_median": len(last10),
     }
+    ema_last10 = [h[f"test_ema_{key}"] for h in evals[-10:] if f"test_ema_{key}" in h]
+    if ema_last10:  # the EMA model's (train.ema_decay, or a method's own, `Method.ema_model`)
+        metrics[f"median_last10_ema_{key}"] = statistics.median(ema_last10)
     if any("val_" + key in h for h in history):
         metric = select_metric or key
         chosen = select_epoch(history, metric, ties)
@@ -660,7 +666,7 @@ def build_run(run: Run) -> Run:
     train_ds, val_ds, test_ds, info = build_splits(
         d.name, root=d.root, recipe=d.recipe, allow_download=d.allow_download,
         val_split=d.val_split, split_seed=d.split_seed if d.split_seed is not None else cfg.seed,
-        image_size=d.image_size, val_per_class=d.val_per_class,
+        image_size=d.image_size, val_per_class=d.val_per_class, options=d.options,
     )
     method = build_method(cfg.method, num_classes=info.num_classes,
                           label_smoothing=cfg.train.label_smoothing, task=info.task)
@@ -668,6 +674,12 @@ def build_run(run: Run) -> Run:
     seed_globals(derived_seed(cfg.seed, 0, 0, 0))  # model init depends on the seed only
     model = build_model(cfg.model.name, num_classes=info.num_classes, **model_kwargs)
     method.check_model(model)
+    owned = method.attach(model)  # modules the method owns: on the model's device, optimised beside it
+    for module in owned.values():
+        module.to(accelerator.device)
+    if cfg.train.ema_decay and method.ema_model() is not None:
+        raise ReproError(f"method {method.name!r} keeps its own EMA model (evaluated as test_ema_*): "
+                         "leave train.ema_decay unset.")
     if cfg.train.select == "best_val" and val_ds is None:
         raise ReproError("train.select=best_val needs a validation split: set data.val_split (e.g. 5000).")
     if len(train_ds) < cfg.train.batch_size:
@@ -689,7 +701,7 @@ def build_run(run: Run) -> Run:
     updates_per_epoch = max(1, steps_per_epoch // cfg.train.grad_accum)
     run.plan, run.pass_steps = pass_plan(method, train_ds, cfg, accelerator, steps_per_epoch)
 
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, owned)
     run.scheduler = build_scheduler(optimizer, cfg, updates_per_epoch)
     # prepared loaders shard the evaluation batches over the processes and pad the last round with repeats;
     # evaluate() gathers with gather_for_metrics, which drops the repeats: every example counts exactly once
@@ -751,6 +763,8 @@ def train_one_pass(run: Run, k: int) -> dict:
     seed_globals(derived_seed(cfg.seed, epoch, accelerator.process_index, 2))
     generator = torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, accelerator.process_index, 3))
     run.scheduler.step(epoch)
+    if cfg.optim.reset_each_epoch:  # as a new optimiser each epoch: moments and step counts start again
+        optimizer.state.clear()
     model.train()
     if run.device_loader is not None:
         loader = run.device_loader.epoch(torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, 0, 1)))
@@ -768,7 +782,8 @@ def train_one_pass(run: Run, k: int) -> dict:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         targets = targets.to(accelerator.device, non_blocking=True)
         step = sum(run.pass_steps[:k]) + i
-        ctx = StepContext(epoch=epoch, step=step, progress=step / max(1, total_steps), generator=generator)
+        ctx = StepContext(epoch=epoch, step=step, progress=step / max(1, total_steps), generator=generator,
+                          total_steps=total_steps)
         result = optimisation_step(accelerator, model, optimizer, method, (inputs, targets), ctx,
                                    cfg.train.clip_grad)
         if accelerator.sync_gradients:
@@ -776,6 +791,7 @@ def train_one_pass(run: Run, k: int) -> dict:
             run.scheduler.step_update(run.updates)
             if run.ema is not None:
                 run.ema.update(accelerator.unwrap_model(model), step=run.updates)
+            method.after_update(accelerator.unwrap_model(model), ctx)
         for key, value in result.items():  # tensors stay on the device: no sync per step
             if key != "logits":
                 sums[key] = sums.get(key, 0.0) + (value.detach().float() if torch.is_tensor(value) else value)
@@ -802,12 +818,13 @@ def evaluate_and_select(run: Run, row: dict) -> None:
     """Evaluate/select phase: metrics of every split (and of the EMA model) into `row`; for classification the
     calibration extras, keeping the reliability data of the final epoch and of the epoch selected on validation."""
     outputs, task = {}, run.info.task
+    ema_module = run.ema.module if run.ema is not None else run.method.ema_model()
     for split, eval_loader in run.eval_loaders.items():
         split_metrics, logits, labels = evaluate(run.model, eval_loader, run.accelerator, task)
         row.update({f"{split}_{k}": v for k, v in split_metrics.items()})
         outputs[split] = (logits, labels)
-        if run.ema is not None:
-            ema_metrics = evaluate(run.ema.module, eval_loader, run.accelerator, task)[0]
+        if ema_module is not None:
+            ema_metrics = evaluate(ema_module, eval_loader, run.accelerator, task)[0]
             row.update({f"{split}_ema_{k}": v for k, v in ema_metrics.items()})
     if task == "classification":
         extra_row, reliability = calibration_extras(outputs)
@@ -859,7 +876,7 @@ def finish_run(run: Run) -> dict:
         metrics["final_reliability"] = extras["final_reliability"]
     if "selected" in metrics and "selected_reliability" in extras:
         metrics["selected"]["reliability"] = extras["selected_reliability"]
-    if run.ema is not None:
+    if any(k.startswith("test_ema_") for k in history[-1]):
         metrics["final_ema"] = {k[len("test_ema_"):]: v for k, v in history[-1].items() if k.startswith("test_ema_")}
     wall = run.wall_before + time.time() - run.started
     metrics.update({"epochs": cfg.train.epochs, "wall_time_s": round(wall, 3), "scale": cfg.scale,

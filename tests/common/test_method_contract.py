@@ -17,8 +17,12 @@ K = 10
 SMALL_IMAGE_OPTIONS = {"maskmix": {"mask_size": 8, "patch_size": 4}, "mixpro": {"mask_size": 8, "patch_size": 4}}
 IMAGE_MODEL = {"smmix": "smmix_vit_tiny_patch4_32"}
 # methods that train on stored data of their own (FKD's region labels, (B, n, C, H, W) batches) bring a setup
-# returning (method, model, batch)
-OWN_SETUP = {"fkd": "papers.ferkd.testing"}
+# returning (method, model, batch): module and keyword arguments of its contract_setup (ICM's complementary-label
+# arms need their [cl, y, cluster] batches)
+OWN_SETUP = {"fkd": ("papers.ferkd.testing", {}), "adautomix": ("papers.adautomix.testing", {}),
+             "mealv2": ("papers.mealv2.testing", {}),
+             **{name: ("papers.icm.testing", {"method": name})
+                for name in ("cll_none", "cll_mixup", "icm_official", "icm_mix")}}
 
 
 def classification_setup(name=None):
@@ -49,7 +53,8 @@ def prepared(name):
     if name in OWN_SETUP:
         import importlib
 
-        return importlib.import_module(OWN_SETUP[name]).contract_setup(K)
+        module, kwargs = OWN_SETUP[name]
+        return importlib.import_module(module).contract_setup(K, **kwargs)
     for setup in (classification_setup, regression_setup):
         model, batch, dataset, info = setup(name)
         options = {"name": name, **(SMALL_IMAGE_OPTIONS.get(name, {}) if info.task == "classification" else {})}
