@@ -5,7 +5,8 @@ dataclass `Params` (unknown keys are errors); the trainer never branches on a me
 needs beyond one step it asks for through the hooks of `Method`, each with a default: `prepare` (the training
 set), `check_model` (e.g. attention maps, then read in the step with `common.attention`), `passes` and
 `train_dataset` (its own view of the data), `inputs` (files the workflow provides), `epoch_stats`,
-`state_dict`.
+`state_dict`, and for a method that owns modules (a generator, a momentum copy) `attach`, `after_update`,
+`ema_model`.
 
 `step(model, batch, ctx)` returns a dict with at least ``loss`` (a scalar tensor to back-propagate)
 and ``logits``; any other entries (Python floats or detached 0-d tensors) are logged as training scalars,
@@ -39,6 +40,7 @@ class StepContext:
     step: int  # global batch counter (micro-batches), from 0
     progress: float  # fraction of training done, in [0, 1]
     generator: torch.Generator  # CPU generator: the only source of a method's randomness
+    total_steps: int = 0  # batches (micro-batches) of the whole run; 0 where unknown
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,20 @@ class Method:
 
     def epoch_stats(self) -> dict | None:
         """Per-epoch statistics the method gathered (logged under 'method_stats'), then reset; None if none."""
+        return None
+
+    def attach(self, model) -> dict[str, torch.nn.Module]:
+        """Called once after the model is built, before the optimiser: modules the method owns (AdAutoMix's mask
+        generator and momentum copy). The trainer moves them to the model's device and optimises their
+        parameters that require grad beside the model's; the method checkpoints them in `state_dict`."""
+        return {}
+
+    def after_update(self, model, ctx: StepContext) -> None:
+        """Called after every optimiser update with the (unwrapped) model, e.g. to move a momentum copy."""
+
+    def ema_model(self):
+        """A weight average the method keeps itself (AdAutoMix's k), evaluated as the EMA model (test_ema_*)
+        in place of the trainer's train.ema_decay one; None by default."""
         return None
 
     def state_dict(self) -> dict:
