@@ -391,7 +391,7 @@ def regression_metrics(preds: torch.Tensor, targets: torch.Tensor, domains: torc
         domains: optional `(N,)` integer domain of each example.
 
     Returns:
-        `{'rmse', 'mape', 'r'}`, plus `{'rmse_worst_domain', 'rmse_domain_mean'}` with `domains`.
+        `{'rmse', 'mape', 'r'}`, plus `{'rmse_worst_domain', 'rmse_domain_mean', 'r_worst_domain'}` with `domains`.
     """
     # (N, 1) -> (N,) on both sides, as the official code squeezes, so (N,) vs (N, 1) never broadcasts.
     pred = preds.squeeze(1) if preds.dim() == 2 and preds.shape[1] == 1 else preds
@@ -426,7 +426,19 @@ def regression_metrics(preds: torch.Tensor, targets: torch.Tensor, domains: torc
         per_domain = torch.sqrt(sums / counts)
         out["rmse_worst_domain"] = float(per_domain.max().item())
         out["rmse_domain_mean"] = float(per_domain.mean().item())
+        # C-Mixup's r tables (DTI): the domain whose r is closest to 0, signed (`cal_worst_acc`: smallest |r|)
+        r_domain = torch.stack([_pearson(pred2[group == g], true2[group == g]) for g in range(len(counts))])
+        finite = r_domain[~torch.isnan(r_domain)]
+        out["r_worst_domain"] = float(finite[finite.abs().argmin()].item()) if len(finite) else float("nan")
     return out
+
+
+def _pearson(pred2: torch.Tensor, true2: torch.Tensor) -> torch.Tensor:
+    """Pearson r of `(N, D)` predictions and targets as `regression_metrics`' `r` (population moments, averaged
+    over the output dimensions whose targets vary)."""
+    dev_p, dev_t = pred2 - pred2.mean(dim=0), true2 - true2.mean(dim=0)
+    corr = (dev_p * dev_t).mean(dim=0) / (dev_p.pow(2).mean(dim=0).sqrt() * dev_t.pow(2).mean(dim=0).sqrt())
+    return corr[dev_t.pow(2).mean(dim=0) != 0].mean()
 
 
 def reliability_diagram_data(
