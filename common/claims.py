@@ -370,6 +370,16 @@ class Comparand:
     margin: float | None = None
 
     @property
+    def words(self) -> str | None:
+        """A claim in words as a table cell: what the paper's words promise, with the stated margin."""
+        margin = self.margin or 0.0
+        if self.expect == "better":
+            return f"words: gain > {margin:+g}"
+        if self.expect == "no_better":
+            return f"words: no gain ≥ {margin:+g}"
+        return None
+
+    @property
     def expectation(self) -> dict:
         """`expect` and `margin` as keyword arguments of `judge`."""
         return {"expect": self.expect, "margin": self.margin}

@@ -188,8 +188,9 @@ def build_table(paper: str, scale: str, table_id: str, results: Path, root: Path
             "n": f"{len(cell.values)}/{cell.expected}",
             "delta": fmt(cell.mean - row["paper"] if cell.values and row.get("paper") is not None else None,
                          signed=True, like=row.get("paper")),
-            "paper_gain": fmt(paper_gain, signed=True, like=row.get("paper")) if row["method"] != baseline
-            else "baseline",
+            "paper_gain": "baseline" if row["method"] == baseline else (
+                comparand.words if comparand is not None and comparand.words and paper_gain is None
+                else fmt(paper_gain, signed=True, like=row.get("paper"))),
             "ours_gain": fmt(ours_gain, signed=True, like=cell.mean) if row["method"] != baseline else "baseline",
             "interval": interval, "paired": paired,
             "verdict": "data not available" if no_data and verdict == "not run" else verdict,
@@ -433,7 +434,7 @@ def claim_markdown_row(result: ClaimResult) -> str:
     cells = [f"`{c.table}`", c.setting, f"{c.method} vs {c.baseline}",
              f"{c.metric} ({'higher' if c.higher_is_better else 'lower'} is better)", c.statistic,
              f"{comp.n_method}/{comp.n_baseline}", fmt(c.paper_gain, signed=True, like=like) if c.paper_gain
-             is not None else "—", fmt(comp.gain, signed=True, like=like) if comp.gain is not None else "—",
+             is not None else (c.words or "—"), fmt(comp.gain, signed=True, like=like) if comp.gain is not None else "—",
              interval_text(comp, like=like), PAIRED_TEXT[comp.paired], f"**{v.verdict}**", v.seeds_text, v.note]
     return "| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |\n"
 

@@ -35,6 +35,9 @@ Where the images come from (one line error naming the fix when absent):
 * MNIST / KMNIST: `data.root`, else ``$REPRO_DATA_DIR/mnist/`` or ``$REPRO_DATA_DIR/kmnist/``, else torchvision's
   download (``allow_download``). A folder may hold the four idx files (``.gz`` or not) directly or in torchvision's
   layout (``<root>/MNIST/raw/``, ``<root>/KMNIST/raw/``, ``<root>/FashionMNIST/raw/``).
+* CIFAR-10 (`cifar10_cll`, the paper-scale GPU configuration): the project's CIFAR-10 loader (``common.data``:
+  ``$REPRO_DATA_DIR/cifar10/``), decoded once to uint8 arrays; per-channel normalisation of the official
+  `clcifar_cluster_label.py`, 5000 images per class before the long-tail cut.
 """
 
 from __future__ import annotations
@@ -60,12 +63,15 @@ SOURCES = {
     "fashion_mnist": ("FashionMNIST", "fashion_mnist", "FashionMNIST", (0.2860, 0.3530), None),
     "mnist": ("MNIST", "mnist", "MNIST", (0.1307, 0.3081), 5000),  # get_img_num_per_cls: MNIST takes 5000
     "kmnist": ("KMNIST", "kmnist", "KMNIST", (0.2860, 0.3530), None),  # Fashion-MNIST's statistics, as official
+    # clcifar_cluster_label.py: CIFAR-10's per-channel statistics; images decoded by common.data's CIFAR loader
+    "cifar10": ("CIFAR10", "cifar10", "CIFAR10", ((0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616)), None),
 }
 CLASSES = {
     "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                       "Ankle boot"),
     "mnist": tuple(str(d) for d in range(10)),
     "kmnist": ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
 }
 CLUSTER_SOURCES = ("pca", "pixels", "simsiam", "labels")
 
@@ -227,8 +233,8 @@ def pca_project(x: torch.Tensor, dim: int) -> torch.Tensor:
     return centred @ vectors[:, -dim:].flip(1)
 
 
-def simsiam_features(images: torch.Tensor, checkpoint: str) -> torch.Tensor:
-    """Features of the official clustering network: torchvision ResNet-18 with a 3x3 stride-1 one-channel stem,
+def simsiam_features(images: torch.Tensor, checkpoint: str, shape: tuple = (1, 28, 28)) -> torch.Tensor:
+    """Features of the official clustering network: torchvision ResNet-18 with a 3x3 stride-1 stem on `shape`,
     the ``module.encoder.`` weights of a SimSiam checkpoint (``state_dict`` key), fc removed (`features_space`)."""
     import torchvision
 
@@ -242,16 +248,16 @@ def simsiam_features(images: torch.Tensor, checkpoint: str) -> torch.Tensor:
         raise ReproError(f"{checkpoint} has no 'module.encoder.*' weights (a SimSiam checkpoint's state_dict); "
                          "give the SimSiam pretraining checkpoint of this dataset.")
     net = torchvision.models.resnet18()
-    net.conv1 = torch.nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.conv1 = torch.nn.Conv2d(shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
     net.load_state_dict(encoder, strict=False)
     net.fc = torch.nn.Identity()
     net.eval()
     with torch.no_grad():
-        return torch.cat([net(chunk.view(-1, 1, 28, 28).float()) for chunk in images.split(1024)])
+        return torch.cat([net(chunk.view(-1, *shape).float()) for chunk in images.split(1024)])
 
 
 def cluster_ids(images: torch.Tensor, labels: np.ndarray, source: str, k: int, seed: int, pca_dim: int = 50,
-                simsiam_checkpoint: str | None = None) -> np.ndarray:
+                simsiam_checkpoint: str | None = None, shape: tuple = (1, 28, 28)) -> np.ndarray:
     """Cluster id per training image from the named `source` (module docstring)."""
     if source == "labels":
         return np.asarray(labels, dtype=np.int64).copy()
@@ -263,7 +269,7 @@ def cluster_ids(images: torch.Tensor, labels: np.ndarray, source: str, k: int, s
         if not simsiam_checkpoint:
             raise ReproError("clusters=simsiam needs data.options.simsiam_checkpoint: the path of a SimSiam "
                              "ResNet-18 checkpoint pretrained on this dataset.")
-        feats = simsiam_features(images, simsiam_checkpoint)
+        feats = simsiam_features(images, simsiam_checkpoint, shape)
     else:
         raise ReproError(f"clusters={source!r} is not a cluster source; use one of {', '.join(CLUSTER_SOURCES)}.")
     feats = torch.nn.functional.normalize(feats.double(), dim=1)  # features_space: F.normalize before K-means
@@ -308,20 +314,31 @@ class LabelledImages(Dataset):
         return self.images[index], self.targets[index]
 
 
-def normalise(images: np.ndarray, mean: float, std: float) -> torch.Tensor:
-    """uint8 `(N, 28, 28)` → float32 `(N, 784)`, ToTensor then Normalize."""
+def normalise(images: np.ndarray, mean, std) -> torch.Tensor:
+    """uint8 `(N, H, W)` or `(N, H, W, C)` → float32 `(N, C*H*W)` channel-first, ToTensor then Normalize."""
     pixels = torch.from_numpy(np.array(images, dtype=np.float32))  # a copy: idx arrays are read-only buffers
-    return ((pixels / 255.0 - mean) / std).reshape(len(images), -1)
+    if pixels.dim() == 3:
+        pixels = pixels.unsqueeze(-1)
+    pixels = pixels.permute(0, 3, 1, 2) / 255.0
+    mean = torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1)
+    return ((pixels - mean) / std).reshape(len(images), -1)
 
 
-def build_cll(source: str, files: dict[str, Path], origin: str, split_seed: int, *, cl: str, transition_bias: float,
+def read_idx_splits(files: dict[str, Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train images, train labels, test images, test labels) of the four idx files."""
+    return (read_idx(files[IDX_FILES[0]]), read_idx(files[IDX_FILES[1]]).astype(np.int64),
+            read_idx(files[IDX_FILES[2]]), read_idx(files[IDX_FILES[3]]).astype(np.int64))
+
+
+def build_cll(source: str, splits: tuple, origin: str, split_seed: int, *, cl: str, transition_bias: float,
               cl_seed: int, imb_type: str | None, imb_factor: float, clusters: str, k_cluster: int,
               cluster_seed: int, pca_dim: int, simsiam_checkpoint: str | None, test_drop_last: int,
               name: str) -> _RawSplits:
-    """The complementary-label training set, the official test view and the full test set (module docstring)."""
+    """The complementary-label training set, the official test view and the full test set (module docstring).
+    `splits`: uint8 train images, int labels, test images, labels (`read_idx_splits`, `cifar_arrays`)."""
     _, _, _, (mean, std), n_max = SOURCES[source]
-    train_x, train_y = read_idx(files[IDX_FILES[0]]), read_idx(files[IDX_FILES[1]]).astype(np.int64)
-    test_x, test_y = read_idx(files[IDX_FILES[2]]), read_idx(files[IDX_FILES[3]]).astype(np.int64)
+    train_x, train_y, test_x, test_y = splits
     num_classes = 10
     if imb_type not in (None, "exp"):
         raise ReproError(f"imb_type={imb_type!r}: use 'exp' (the README's commands) or null (file order, all data).")
@@ -339,14 +356,17 @@ def build_cll(source: str, files: dict[str, Path], origin: str, split_seed: int,
     else:
         raise ReproError(f"cl={cl!r}: use 'uniform' (setup 1) or 'biased' (setup 2, with transition_bias).")
     images = normalise(train_x, mean, std)
-    ids = cluster_ids(images, train_y, clusters, k_cluster, cluster_seed, pca_dim, simsiam_checkpoint)
+    shape = (1, *train_x.shape[1:3]) if train_x.ndim == 3 else (train_x.shape[3], *train_x.shape[1:3])
+    ids = cluster_ids(images, train_y, clusters, k_cluster, cluster_seed, pca_dim, simsiam_checkpoint, shape)
     purity = cluster_purity(ids, train_y)
     test_images = normalise(test_x, mean, std)
     n_scored = (len(test_y) // test_drop_last) * test_drop_last if test_drop_last else len(test_y)
     if n_scored == 0:
         raise ReproError(f"test_drop_last={test_drop_last} exceeds the {len(test_y)} test images: lower it.")
-    info = DataInfo(name=name, task="classification", num_classes=num_classes, image_size=28, mean=(mean,),
-                    std=(std,), source=origin, classes=CLASSES[source])
+    channels = 1 if train_x.ndim == 3 else train_x.shape[-1]
+    info = DataInfo(name=name, task="classification", num_classes=num_classes, image_size=int(train_x.shape[1]),
+                    mean=tuple(np.broadcast_to(mean, channels).tolist()),
+                    std=tuple(np.broadcast_to(std, channels).tolist()), source=origin, classes=CLASSES[source])
     return _RawSplits(
         train=CLLTrainSet(images, comp, train_y, ids, purity),
         val=LabelledImages(test_images[:n_scored], test_y[:n_scored]),
@@ -359,13 +379,17 @@ def _register(name: str, source: str, mini: bool = False):
                 transition_bias: float = 10.0, cl_seed: int = CL_SEED, imb_type: str | None = "exp",
                 imb_factor: float = 1.0, clusters: str = "pca", k_cluster: int = 50, cluster_seed: int = CL_SEED,
                 pca_dim: int = 50, simsiam_checkpoint: str | None = None, test_drop_last: int = 512) -> _RawSplits:
-        if mini:
+        if source == "cifar10":
+            splits, origin = cifar_arrays(root, allow_download)
+        elif mini:
             files, origin = _idx_folder(MINI_DIR), f"committed sample {MINI_DIR.relative_to(REPO_ROOT)}"
             if files is None:
                 raise ReproError(f"the committed sample {MINI_DIR} is missing; restore it with git checkout.")
+            splits = read_idx_splits(files)
         else:
             files, origin = find_idx_files(source, root, allow_download)
-        return build_cll(source, files, origin, split_seed, cl=cl, transition_bias=transition_bias, cl_seed=cl_seed,
+            splits = read_idx_splits(files)
+        return build_cll(source, splits, origin, split_seed, cl=cl, transition_bias=transition_bias, cl_seed=cl_seed,
                          imb_type=imb_type, imb_factor=imb_factor, clusters=clusters, k_cluster=k_cluster,
                          cluster_seed=cluster_seed, pca_dim=pca_dim, simsiam_checkpoint=simsiam_checkpoint,
                          test_drop_last=test_drop_last, name=name)
@@ -373,7 +397,20 @@ def _register(name: str, source: str, mini: bool = False):
     return builder
 
 
+def cifar_arrays(root: Path | None, allow_download: bool) -> tuple[tuple, str]:
+    """CIFAR-10 decoded to uint8 `(N, 32, 32, 3)` arrays through the project's CIFAR-10 loader (local parquet or
+    folder copy, `$REPRO_DATA_DIR/cifar10`, or its download)."""
+    from common.data import _DATASETS
+
+    raw = _DATASETS["cifar10"](root, allow_download)
+    out = []
+    for split in (raw.train, raw.test):
+        out += [np.stack([np.asarray(split[i][0]) for i in range(len(split))]),
+                np.asarray([split[i][1] for i in range(len(split))], dtype=np.int64)]
+    return tuple(out), raw.info.source
+
+
 for _name, _source in OrderedDict([("fashion_mnist_cll", "fashion_mnist"), ("mnist_cll", "mnist"),
-                                   ("kmnist_cll", "kmnist")]).items():
+                                   ("kmnist_cll", "kmnist"), ("cifar10_cll", "cifar10")]).items():
     _register(_name, _source)
 _register("fashion_mnist_cll-mini", "fashion_mnist", mini=True)

@@ -165,25 +165,28 @@ def icm_batch(inputs: torch.Tensor, complementary: torch.Tensor, partners: torch
     return mixed, target
 
 
-def flip_crop(images: torch.Tensor, generator: torch.Generator, side: int = 28, pad: int = 4) -> torch.Tensor:
-    """`RandomHorizontalFlip` then `RandomCrop(side, pad, padding_mode='reflect')` per image, batched.
+def flip_crop(images: torch.Tensor, generator: torch.Generator, shape: tuple[int, int, int] = (1, 28, 28),
+              pad: int = 4) -> torch.Tensor:
+    """`RandomHorizontalFlip` then `RandomCrop(side, pad, padding_mode='reflect')` per image, batched (the
+    official MNIST-family `--data_aug true` and CIFAR 'flipflop' transforms).
 
     Args:
-        images: (B, side*side) flat one-channel images.
+        images: (B, C*H*W) flat images of `shape` (C, H, W).
     Returns:
-        (B, side*side), each image flipped with probability 1/2 and cropped at a uniform offset in [0, 2 pad].
+        (B, C*H*W), each image flipped with probability 1/2 and cropped at a uniform offset in [0, 2 pad]^2.
     """
     b = images.shape[0]
-    x = images.view(b, 1, side, side)
+    c, h, w = shape
+    x = images.view(b, c, h, w)
     flips = torch.rand(b, generator=generator) < 0.5
     x = torch.where(flips.to(x.device).view(b, 1, 1, 1), x.flip(-1), x)
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     oy, ox = (torch.randint(2 * pad + 1, (b,), generator=generator).to(x.device) for _ in range(2))
-    span = torch.arange(side, device=x.device)
-    rows = (oy.view(b, 1) + span).view(b, side, 1)
-    cols = (ox.view(b, 1) + span).view(b, 1, side)
-    out = padded[torch.arange(b, device=x.device).view(b, 1, 1), 0, rows, cols]
-    return out.reshape(b, side * side)
+    rows = (oy.view(b, 1) + torch.arange(h, device=x.device)).view(b, 1, h, 1)
+    cols = (ox.view(b, 1) + torch.arange(w, device=x.device)).view(b, 1, 1, w)
+    out = padded[torch.arange(b, device=x.device).view(b, 1, 1, 1), torch.arange(c, device=x.device).view(1, c, 1, 1),
+                 rows, cols]
+    return out.reshape(b, c * h * w)
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -217,6 +220,7 @@ class CLLMethod(Method):
             raise ReproError(f"method.transition={self.params.transition!r}: use uniform or empirical.")
         self.q = uniform_transition(num_classes)
         self.purity = float("nan")
+        self.shape = (1, 28, 28)  # (C, H, W) of the flat images, from the data in `prepare`
         self._reset()
 
     def _reset(self):
@@ -228,6 +232,8 @@ class CLLMethod(Method):
             raise ReproError(f"method {self.name!r} needs a complementary-label training set ([cl, y, cluster] "
                              "targets): use a *_cll dataset of papers.icm.data.")
         self.purity = float(getattr(train_dataset, "purity", float("nan")))
+        if getattr(info, "image_size", None):
+            self.shape = (len(info.mean) if info.mean else 1, info.image_size, info.image_size)
         if self.params.transition == "empirical":
             self.q = empirical_transition(targets[:, 1], targets[:, 0], self.num_classes)
 
@@ -253,7 +259,7 @@ class CLLMethod(Method):
         inputs, targets = batch
         inputs = inputs.reshape(inputs.shape[0], -1)
         if self.params.augment:
-            inputs = flip_crop(inputs, generator)
+            inputs = flip_crop(inputs, generator, self.shape)
         return inputs, targets[:, 0], targets[:, 1], targets[:, 2]
 
     def mix(self, images, labels, generator):  # figures: CLL arms have no class targets to show

@@ -1,5 +1,6 @@
-"""The official MLP of ICM's MNIST-family runs (`imb_cll/models/basemodels.py` `MLP`): 784 -> 500 -> ReLU -> K,
-PyTorch's default initialisation; flat images in (a (B, 1, 28, 28) batch is flattened)."""
+"""ICM's models. The MNIST-family MLP (`imb_cll/models/basemodels.py` `MLP`): 784 -> 500 -> ReLU -> K, PyTorch's
+default initialisation; flat images in. CIFAR's ResNet-18 (`imb_cll/models/models.py` `get_resnet18`): torchvision's
+ResNet-18 with a 3x3 stride-1 stem (max-pool kept, as official), on flat images reshaped to (C, H, W)."""
 
 from __future__ import annotations
 
@@ -29,3 +30,25 @@ def mlp_cll(pretrained: bool = False, num_classes: int = 10, in_features: int = 
     """ICM's MLP 784-500-K."""
     _entry_kwargs("mlp_cll", pretrained, kwargs, ("num_classes", "in_features", "hidden_dim"))
     return MLPCLL(in_features, hidden_dim, num_classes)
+
+
+class ResNet18CLL(nn.Module):
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, image_size: int = 32):
+        super().__init__()
+        import torchvision
+
+        self.shape = (in_chans, image_size, image_size)
+        self.net = torchvision.models.resnet18(num_classes=num_classes)
+        self.net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: (B, C*H*W) or (B, C, H, W). Returns: (B, num_classes) logits."""
+        return self.net(x.reshape(x.shape[0], *self.shape))
+
+
+@register_model_once
+def resnet18_cll(pretrained: bool = False, num_classes: int = 10, in_chans: int = 3, image_size: int = 32,
+                 **kwargs: Any) -> ResNet18CLL:
+    """ICM's CIFAR ResNet-18 (official get_resnet18)."""
+    _entry_kwargs("resnet18_cll", pretrained, kwargs, ("num_classes", "in_chans", "image_size"))
+    return ResNet18CLL(num_classes, in_chans, image_size)
