@@ -1,5 +1,6 @@
 from papers.cmixup import data  # noqa: F401  (registers NO2, the time series, Crime and SkillCraft)
 from papers.cmixup.baselines import KMixup, LocalMixup, kmixup_partners, local_weights, optimal_assignment
+from papers.cmixup.dti import DTIEncoder, dti_encoder  # registers `dti_encoder` (DTI) into timm
 from papers.cmixup.lstnet import LSTNet, lstnet  # registers `lstnet` into timm
 from papers.cmixup.method import (
     CMixup,
@@ -20,12 +21,14 @@ from papers.cmixup.resnet_rcf import (  # registers `resnet18_rcf` (RCF-MNIST) i
 __all__ = [
     "CMixup",
     "CMixupWithinBatch",
+    "DTIEncoder",
     "KMixup",
     "LSTNet",
     "LocalMixup",
     "ManifoldMixupRegression",
     "MixupRegression",
     "RCFResNet18",
+    "dti_encoder",
     "kmixup_partners",
     "local_weights",
     "lstnet",

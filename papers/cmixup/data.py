@@ -41,7 +41,7 @@ from common.data import (
     register_dataset,
 )
 from common.errors import ReproError
-from papers.cmixup import rcf_mnist
+from papers.cmixup import dti, rcf_mnist
 
 SAMPLES = REPO_ROOT / "tests" / "data"
 ID_SPLIT = (0.7, 0.1)  # config.py id_train_val_split [0.7, 0.1, 0.2]: train and valid shares (the rest: test)
@@ -347,6 +347,18 @@ def _rcf_mnist_full(root: Path | None, allow_download: bool, split_seed: int = 0
 def _rcf_mnist_mini(root: Path | None, allow_download: bool, split_seed: int = 0) -> _RawSplits:
     """RCF-MNIST from the committed 120-image sample (tests/data/fashion_mnist-mini/): smoke runs only."""
     return _rcf_mnist("rcf_mnist-mini", root, split_seed, sample=True)
+
+
+# ------------------------------------------------------------------------------------------------------ DTI
+@register_dataset("dti")
+def _dti(root: Path | None, allow_download: bool) -> _RawSplits:
+    """The authors' DTI subsample (papers/cmixup/dti.py): train 2013-2018, validation (their holdout), test
+    2019 and 2020 (the domains)."""
+    folder = _find_files("dti", root, dti.DTI_FILES, "they are the DTI_sub100_*.pkl files of huaxiuyao/C-Mixup's "
+                         "data folder dti/ (their README's Google Drive link), not rebuilt here")
+    splits = {name: rcf_mnist.ImageRegression(*tensors) for name, tensors in dti.dti_splits(folder).items()}
+    info = DataInfo("dti", "regression", 1, None, None, None, f"folder:{folder}")
+    return _RawSplits(splits["train"], splits["test"], info, val=splits["valid"])
 
 
 __all__ = ["DATA_ROOT_ENV", "domain_split", "in_distribution_split", "min_max_stats", "read_crime", "read_no2",

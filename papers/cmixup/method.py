@@ -217,6 +217,9 @@ class RegressionMixup(Method):
         y_mix = mix_pair(targets, y2, lam)
         if self.params.manifold:
             first, rest = _first_block_split(model)
+            draw_point = getattr(getattr(model, "module", model), "draw_mixing_point", None)
+            if draw_point is not None:  # a model that mixes at a layer drawn per step (DTI's encoder)
+                draw_point(ctx.generator)
             pred = rest(mix_pair(first(inputs), first(x2), lam))
         else:
             pred = model(mix_pair(inputs, x2, lam))

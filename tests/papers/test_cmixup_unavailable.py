@@ -35,11 +35,14 @@ def test_rows_with_data_path_say_data_not_available_until_a_run_exists(tmp_path)
 
 
 def test_ood_r_rows_show_the_paper_number_and_where_the_data_goes(tmp_path):
-    table = rows_by_key(build_table("cmixup", "proxy", "ood_r", tmp_path)[2])
-    dti, poverty = table[("DTI avg", "cmixup")], table[("PovertyMap worst", "erm")]
+    table = rows_by_key(build_table("cmixup", "paper", "ood_r", tmp_path)[2])
+    dti = table[("DTI avg", "cmixup")]
     assert dti["paper"] == "0.4980" and "$REPRO_DATA_DIR/dti/DTI_sub100_*.pkl" in dti["ours"]
-    assert dti["verdict"] == "data not available"
+    assert dti["verdict"] == "data not available" and dti["n"] == "0/3"  # configs/paper/dti.yaml: 3 seeds
+    worst = rows_by_key(build_table("cmixup", "paper", "ood_r_worst", tmp_path)[2])
+    poverty = worst[("PovertyMap worst", "erm")]
     assert poverty["paper"] == "0.5000" and "$REPRO_DATA_DIR/wilds/poverty_v1.1/" in poverty["ours"]
+    assert worst[("DTI worst", "cmixup")]["paper_gain"] == "+0.0290"  # higher r is better
 
 
 @pytest.mark.parametrize("name, file", [("electricity", "electricity.txt"), ("no2", "no2.csv"),
