@@ -405,3 +405,39 @@ def test_counts_command_prints_one_line_per_scale(capsys):
     for line, (scale, by_verdict) in zip(lines, counts.items()):
         assert line == f"* **{scale}** scale: " + " · ".join(f"{n} {v}" for v, n in by_verdict.items()) \
             + f" ({sum(by_verdict.values())} claims)"
+
+
+@pytest.mark.parametrize("expect, low, high, verdict", [
+    ("better", 1.5, 3.0, "reproduced"),  # whole interval above the margin 1.0
+    ("better", 0.5, 3.0, "inconclusive"),  # holds the margin
+    ("better", -2.0, 0.8, "not reproduced"),  # below the margin (but not significantly worse)
+    ("better", -3.0, -0.5, "not reproduced"),
+    ("no_better", -3.0, 0.9, "reproduced"),  # no gain of 1.0 or more
+    ("no_better", 0.5, 1.5, "inconclusive"),
+    ("no_better", 1.2, 2.0, "not reproduced"),
+])
+def test_claims_in_words_are_judged_against_the_stated_margin(expect, low, high, verdict):
+    comparison = rules.Comparison(5, 5, True, (low + high) / 2, low, high, (0.1,))
+    got = rules.judge(None, comparison, expect=expect, margin=1.0)
+    assert got.verdict == verdict
+    if verdict == "not reproduced" and high < 0:
+        assert "significantly worse" in got.note
+    # without runs or with too few the usual verdicts come first
+    assert rules.judge(None, rules.Comparison(0, 5), expect=expect, margin=1.0).verdict == "not run"
+    assert rules.judge(None, rules.Comparison(2, 2, True, 1.0, 0.0, 2.0), expect=expect).verdict == "too few runs"
+
+
+def test_claims_in_words_come_from_rows_with_expect_and_bad_values_are_errors():
+    table = {"metric": "top1", "statistic": "final", "baseline": "none", "margin": 1.0, "rows": [
+        {"setting": "s", "method": "none", "paper": None},
+        {"setting": "s", "method": "mixup", "paper": None, "expect": "no_better"},
+        {"setting": "s", "method": "icm", "paper": None, "expect": "better", "margin": 2.5},
+        {"setting": "s", "method": "other", "paper": None},
+    ]}
+    got = {c.method: c for c in rules.table_comparands("t", table)}
+    assert (got["mixup"].expect, got["mixup"].margin, got["mixup"].words) == ("no_better", 1.0, "words: no gain ≥ +1")
+    assert (got["icm"].expect, got["icm"].margin, got["icm"].words) == ("better", 2.5, "words: gain > +2.5")
+    assert got["other"].expect is None and got["other"].words is None and got["other"].paper_gain is None
+    table["rows"][1]["expect"] = "worse"
+    with pytest.raises(ReproError, match="expect"):
+        rules.table_comparands("t", table)

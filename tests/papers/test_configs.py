@@ -36,7 +36,8 @@ def test_config_loads_for_every_method(path):
 def test_paper_results_rows_are_well_formed(paper):
     spec = paper_results(paper)
     for table_id, table in spec["tables"].items():
-        assert table["metric"] and table["statistic"] in ("median_last10", "best", "final", "selected"), table_id
+        assert table["metric"] and table["statistic"] in ("median_last10", "best", "final", "selected",
+                                                          "selected_val"), table_id
         methods = {row["method"] for row in table["rows"]}
         assert table["baseline"] in methods
         for row in table["rows"]:

@@ -1,0 +1,55 @@
+"""ICM through the shared trainer on the committed Fashion-MNIST sample: the official Adam re-created every epoch
+(optim.reset_each_epoch), both reported numbers (official best drop-last view, honest last epoch), the per-epoch
+noise and purity statistics, and data.options validation."""
+
+import json
+
+import pytest
+import torch
+
+from common.config import config_hash, load_config
+from common.data import build_splits
+from common.errors import ReproError
+from common.safeload import safe_load
+from common.train import train
+
+SMOKE = "papers/icm/configs/smoke/fmnist_uniform.yaml"
+
+
+def run(tmp_path, method, *overrides):
+    cfg = load_config(SMOKE, list(overrides), method_label=method)
+    out = tmp_path / method
+    metrics = train(cfg, out, command="test")
+    return cfg, out, metrics
+
+
+def test_adam_state_restarts_every_epoch_only_when_asked(tmp_path):
+    steps_per_epoch = 600 // 64
+    cfg, out, _ = run(tmp_path, "none")
+    state = safe_load(out / "checkpoint" / "last.pt")["optimizer"]["state"]
+    assert cfg.optim.reset_each_epoch and cfg.optim.name == "adam"
+    assert {int(s["step"]) for s in state.values()} == {steps_per_epoch}  # the second epoch's steps only
+    cfg2, out2, _ = run(tmp_path / "kept", "none", "optim.reset_each_epoch=false")
+    state = safe_load(out2 / "checkpoint" / "last.pt")["optimizer"]["state"]
+    assert {int(s["step"]) for s in state.values()} == {2 * steps_per_epoch}
+    assert config_hash(cfg) != config_hash(cfg2)
+
+
+def test_both_numbers_and_the_noise_statistics_are_logged(tmp_path):
+    _, out, metrics = run(tmp_path, "icm_official")
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    official = max(r["val_top1"] for r in rows)  # best over epochs on the drop-last view
+    assert metrics["selected"]["val"]["top1"] == official
+    assert metrics["final"]["top1"] == rows[-1]["test_top1"]
+    for r in rows:
+        stats = r["method_stats"]
+        assert 0 <= stats["noise_rate"] <= 1 and 0 < stats["cluster_purity"] <= 1 and stats["pairs"] > 0
+    _, val, test, _ = build_splits("fashion_mnist_cll-mini", split_seed=0, options={"test_drop_last": 64})
+    assert len(val) == 192 and len(test) == 200 and torch.equal(val.images, test.images[:192])
+
+
+def test_unknown_data_option_and_options_on_a_dataset_without_any(tmp_path):
+    with pytest.raises(ReproError, match="no option 'k_clusters'.*k_cluster"):
+        build_splits("fashion_mnist_cll-mini", options={"k_clusters": 5})
+    with pytest.raises(ReproError, match="takes none"):
+        build_splits("cifar10-mini", options={"k_cluster": 5})
