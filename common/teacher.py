@@ -130,11 +130,28 @@ def load_teacher_checkpoint(model_name: str, checkpoint: str | Path, num_classes
     """
     from common.models import build_model
 
+    model = build_model(model_name, num_classes=num_classes, **(model_kwargs or {}))
+    path = load_checkpoint_weights(model, checkpoint, what="teacher checkpoint")
+    return Teacher(freeze(model), image_size, tuple(mean), tuple(std), f"checkpoint:{path} ({model_name})")
+
+
+def load_checkpoint_weights(model: nn.Module, checkpoint: str | Path, what: str = "checkpoint") -> Path:
+    """Load the state dict of a local checkpoint file into `model` (a teacher's, or a student's starting weights).
+
+    Args:
+        model: the network, already built with the checkpoint's architecture and classifier size.
+        checkpoint: a ``torch.save`` of the state dict, or of a dict holding it under ``state_dict``, ``model`` or
+            ``state_dict_ema`` (``module.`` prefixes are dropped); read with ``weights_only=True``.
+        what: the file's role, for the error messages.
+
+    Returns:
+        The resolved path.
+    """
     path = Path(checkpoint).expanduser()
     if not path.is_file():
-        raise ReproError(f"teacher checkpoint {path} does not exist; put the teacher's weights there (nothing is "
-                         "downloaded at run time) or change the label config's teacher.checkpoint.")
-    state = safe_load(path, NUMPY_ARRAY_GLOBALS, what="teacher checkpoint")
+        raise ReproError(f"{what} {path} does not exist; put the weights there (nothing is downloaded at run time) "
+                         "or change the config's checkpoint path.")
+    state = safe_load(path, NUMPY_ARRAY_GLOBALS, what=what)
     if isinstance(state, dict):
         for key in ("state_dict", "model", "state_dict_ema"):
             if isinstance(state.get(key), dict):
@@ -142,6 +159,5 @@ def load_teacher_checkpoint(model_name: str, checkpoint: str | Path, num_classes
                 break
     if not isinstance(state, dict):
         raise ReproError(f"{path} holds a {type(state).__name__}, not a state dict.")
-    model = build_model(model_name, num_classes=num_classes, **(model_kwargs or {}))
     _load_weights(model, state, str(path))
-    return Teacher(freeze(model), image_size, tuple(mean), tuple(std), f"checkpoint:{path} ({model_name})")
+    return path
