@@ -16,9 +16,13 @@ Each loader follows the official one in huaxiuyao/C-Mixup `src/data/` (read, not
   column mean over all rows; inputs min-max scaled over all rows; each split's order is a seeded permutation
   (the official loaders permute train, valid, test in that order right after `set_seed(seed)`). Every split
   carries the domain of each example (`TabularDataset.domains`), so evaluation reports the worst test domain.
+* `rcf_mnist`: rotated, coloured Fashion-MNIST built from the idx file as `src/data/RCF_MNIST.py` (`rcf_mnist.py`;
+  `data.root`, else `$REPRO_DATA_DIR/fashion_mnist/`, else Debian's `/usr/share/datasets/fashion-mnist/`).
+* `dti`: the authors' `DTI_sub100_*.pkl` (`dti.py`, `$REPRO_DATA_DIR/dti/`), read by a tensors-only unpickler.
 
 Committed samples of a few dozen rows (`tests/data/<name>-mini/`, `scripts/make_cmixup_samples.py`) are
-registered as `<name>-mini` with the same parsing and splitting, for smoke runs and tests on a fresh clone.
+registered as `<name>-mini` with the same parsing and splitting, for smoke runs and tests on a fresh clone
+(`rcf_mnist-mini`: the first 120 Fashion-MNIST training images, `tests/data/fashion_mnist-mini/`).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ Deviation (randomness only): the official generator draws from torch's and NumPy
 (`set_seed` before `load_data`) and stores pickles that every run reads; we draw from `torch.Generator(seed)`
 (split, gathering order, degrees) and `np.random.RandomState(seed)` (colour groups, validation ratios) with
 `seed = data.split_seed` (0: one dataset for every run seed, as the stored pickles), rebuilding the data in
-memory at the start of a run (about 10 s; 470 MB of float32 for the full set).
+memory at the start of a run (about 10 s; 560 MB of float32 for the full set).
 """
 
 from __future__ import annotations
