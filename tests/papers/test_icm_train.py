@@ -53,3 +53,43 @@ def test_unknown_data_option_and_options_on_a_dataset_without_any(tmp_path):
         build_splits("fashion_mnist_cll-mini", options={"k_clusters": 5})
     with pytest.raises(ReproError, match="takes none"):
         build_splits("cifar10-mini", options={"k_cluster": 5})
+
+
+class WritesAMarker:
+    """Unpickling this calls open(marker, 'w'): what a malicious checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_simsiam_clusters_load_the_encoder_weights_and_refuse_code(tmp_path):
+    import torchvision
+
+    from papers.icm.data import cluster_ids, simsiam_features
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18()
+    net.conv1 = torch.nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    state = {f"module.encoder.{k}": v for k, v in net.state_dict().items()}
+    state["module.predictor.0.weight"] = torch.zeros(2, 2)  # SimSiam's predictor: ignored
+    path = tmp_path / "simsiam.pth.tar"
+    torch.save({"epoch": 800, "state_dict": state}, path)
+    images = torch.randn(6, 784)
+    net.fc = torch.nn.Identity()
+    net.eval()
+    with torch.no_grad():
+        expected = net(images.view(-1, 1, 28, 28))
+    assert torch.allclose(simsiam_features(images, str(path)), expected)
+    ids = cluster_ids(images, [0, 1, 2, 0, 1, 2], "simsiam", k=2, seed=0, simsiam_checkpoint=str(path))
+    assert ids.shape == (6,) and set(ids) <= {0, 1}
+
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": state, "payload": WritesAMarker(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(ReproError):
+        simsiam_features(images, str(tmp_path / "evil.pth"))
+    assert not marker.exists()
+    with pytest.raises(ReproError, match="simsiam_checkpoint"):
+        cluster_ids(images, [0] * 6, "simsiam", k=2, seed=0)
