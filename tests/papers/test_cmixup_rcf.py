@@ -257,3 +257,16 @@ def test_within_batch_cmixup_step_on_rcf_mnist(idx_folder):
     assert torch.isfinite(out["loss"]) and out["logits"].shape == (8, 1)
     out["loss"].backward()
     assert model.block_1[0].weight.grad is not None and model.head.weight.grad.abs().sum() > 0
+
+
+def test_imagenet_weights_offline_is_one_line_naming_the_cache_file(monkeypatch):
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(ReproError) as err:
+        RCFResNet18(weights="imagenet")
+    message = str(err.value)
+    assert "\n" not in message and "resnet18-f37072fd.pth" in message and "hub/checkpoints" in message
