@@ -17,8 +17,8 @@ Every training example carries only a complementary label (CL) ``cl`` ("x is not
   (``mixed_x[i] = x[i]``). The soft SCL-NL loss is ``sum_c -t_c log(clamp(1 - p_c, 1e-6, 1 - 1e-6))``, averaged
   over the batch.
 * ``icm_mix`` (what the paper's name and abstract describe): the same pairs, ``lam`` and targets, and the input
-  mixed within the cluster with the *same* weights as the labels: ``x = (1 - lam) x_i + w_j x_j`` with
-  ``w_j = lam`` (``1 - lam`` for a duplicate, so ``x = x_i`` then), i.e. each image weighs what its CL weighs.
+  mixed within the cluster with the labels' weights: ``x = (1 - lam) x_i + lam x_j``, i.e. each image weighs what
+  its CL weighs (a self-pair or a duplicate image gives ``x = x_i``; its target keeps quirk 1's weights).
   (The official file keeps a commented line ``lam x_i + (1 - lam) x_j``, whose weights are the reverse of the
   targets'; it is not used here.)
 
@@ -154,7 +154,8 @@ def icm_batch(inputs: torch.Tensor, complementary: torch.Tensor, partners: torch
         same = (inputs == inputs[partners]).all(dim=1)
         weight_j = torch.where(same, torch.full_like(weight_j, 1 - lam), weight_j)
     target = (1 - lam) * own + weight_j.unsqueeze(1) * other
-    mixed = (1 - lam) * inputs + weight_j.unsqueeze(1) * inputs[partners] if mix_inputs else inputs
+    # the images weigh (1 - lam) and lam whatever quirk 1 does to the labels: a self-pair or a duplicate stays x_i
+    mixed = (1 - lam) * inputs + lam * inputs[partners] if mix_inputs else inputs
     alone = ~paired
     if zero_alone:
         target = torch.where(alone.unsqueeze(1), torch.zeros_like(target), target)

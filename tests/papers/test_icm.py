@@ -146,13 +146,6 @@ def test_icm_mix_default_matches_mixup_on_distinct_pairs():
     torch.testing.assert_close(mixed[distinct], want[distinct])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "papers/icm/method.py icm_batch (the `mixed = ...` line, ~157): with mix_inputs=True and "
-    "duplicate_weight=True the partner's input weight becomes 1 - lam when x_j == x_i, so a row paired with "
-    "itself (or a duplicate image) gets x = (1 - lam) x_i + (1 - lam) x_i = 2 (1 - lam) x_i, not x_i as the "
-    "module docstring says ('so x = x_i then') and not Mixup's lam x_i + (1 - lam) x_i = x_i (spec §7: one "
-    "cluster pairs exactly as Mixup). The quirk-1 weight belongs to the target only; the input should use lam"
-    " for the partner."))
 def test_icm_mix_self_pair_keeps_the_image():
     x, _, cl, _ = toy_cll(8, seed=5)
     partners = torch.tensor([0, 2, 1, 3, 5, 4, 7, 6])  # rows 0 and 3 are paired with themselves
