@@ -88,6 +88,8 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) < 8 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ReproError(f"{path} is not an unsigned-byte idx file (bad magic number); replace it with a good copy.")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ReproError(f"{path} ends inside its header: the file is truncated; replace it with a good copy.")
     shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
@@ -105,9 +107,10 @@ def write_idx(path: Path, array: np.ndarray) -> None:
         fh.write(header + array.tobytes())
 
 
-def _idx_folder(folder: Path) -> dict[str, Path] | None:
-    """The four idx files in `folder` or its torchvision `<Name>/raw/` subfolder, `.gz` or not; None if absent."""
-    for base in [folder, *sorted(folder.glob("*/raw"))]:
+def _idx_folder(folder: Path, raw_name: str | None = None) -> dict[str, Path] | None:
+    """The four idx files in `folder` or in its torchvision subfolder `<raw_name>/raw/` (e.g. MNIST/raw: only the
+    named dataset's, so a shared torchvision root never hands out another dataset), `.gz` or not; None if absent."""
+    for base in [folder, *([folder / raw_name / "raw"] if raw_name else [])]:
         found = {}
         for stem in IDX_FILES:
             hits = [base / stem, base / f"{stem}.gz"]
@@ -122,7 +125,7 @@ def _idx_folder(folder: Path) -> dict[str, Path] | None:
 
 def find_idx_files(source: str, root: Path | None, allow_download: bool) -> tuple[dict[str, Path], str]:
     """Where the four idx files of `source` are, and a provenance string (rules in the module docstring)."""
-    tv_name, env_folder, _, _, _ = SOURCES[source]
+    tv_name, env_folder, raw_name, _, _ = SOURCES[source]
     candidates = []
     if root is not None:
         candidates.append(root)
@@ -133,7 +136,7 @@ def find_idx_files(source: str, root: Path | None, allow_download: bool) -> tupl
     if root is None:
         candidates.append(_cache_dir(env_folder))
     for folder in candidates:
-        if folder.is_dir() and (files := _idx_folder(folder)) is not None:
+        if folder.is_dir() and (files := _idx_folder(folder, raw_name)) is not None:
             return files, str(folder)
     if allow_download and root is None:
         import torchvision
@@ -141,7 +144,7 @@ def find_idx_files(source: str, root: Path | None, allow_download: bool) -> tupl
         target = _cache_dir(env_folder)
         getattr(torchvision.datasets, tv_name)(str(target), train=True, download=True)
         getattr(torchvision.datasets, tv_name)(str(target), train=False, download=True)
-        if (files := _idx_folder(target)) is not None:
+        if (files := _idx_folder(target, raw_name)) is not None:
             return files, f"torchvision download into {target}"
     where = ", ".join(str(c) for c in candidates)
     fix = ("`apt-get install dataset-fashion-mnist` (Debian) or put the four idx files in "

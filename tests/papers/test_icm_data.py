@@ -73,12 +73,6 @@ def test_truncated_idx_body_names_the_file(tmp_path, cut):
     assert str(path) in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "papers/icm/data.py read_idx (the np.frombuffer line, ~92): a file cut inside its header (8 to 4 + 4 ndim"
-    " - 1 bytes, e.g. 10 bytes of a 3-dim idx file) reaches np.frombuffer(data, offset=4 + 4 * ndim) with "
-    "offset > len(data) and raises numpy's ValueError ('offset must be non-negative and no greater than "
-    "buffer length') instead of a ReproError naming the file; check len(data) >= 4 + 4 * ndim before reading "
-    "the shape."))
 def test_idx_cut_inside_the_header_names_the_file(tmp_path):
     path = tmp_path / "t10k-images-idx3-ubyte"
     write_idx(path, np.zeros((2, 28, 28), dtype=np.uint8))
@@ -316,12 +310,6 @@ def test_kmnist_from_a_flat_folder_without_long_tail(tmp_path):
     assert info.classes[0] == "o"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "papers/icm/data.py _idx_folder (line ~110, `for base in [folder, *sorted(folder.glob('*/raw'))]`): with "
-    "data.root a torchvision root holding several datasets (<root>/FashionMNIST/raw and <root>/MNIST/raw, "
-    "torchvision's usual layout), the first '*/raw' folder in sorted order is taken whatever the dataset, so "
-    "mnist_cll silently loads Fashion-MNIST; the raw folder name SOURCES[source][2] ('MNIST', 'KMNIST', "
-    "'FashionMNIST') is defined but never used."))
 def test_shared_torchvision_root_loads_the_named_dataset(tmp_path):
     fashion = tuple(np.full_like(a, 200) if a.ndim == 3 else a for a in tiny_mnist(2))
     mnist = tuple(np.full_like(a, 50) if a.ndim == 3 else a for a in tiny_mnist(3))
