@@ -31,7 +31,7 @@ def setup(batch=8, **options):
 def official_mask(gen: ada.AdaptiveMask, feats: list, lam: list) -> torch.Tensor:
     """AdaptiveMask.forward: normal_mix (N = 2) or co_mix (N > 2) with the official loops, then upsample and
     softmax over the sources."""
-    b, c, h, w = feats[0].shape
+    b, _, h, w = feats[0].shape
     d = gen.inter
     if gen.lam_concat:
         lams = [lam[0], 1 - lam[0]] if len(feats) == 2 else lam
@@ -231,7 +231,7 @@ def test_step_is_the_official_forward_train_on_fixed_draws(n, even, lam):
     ours = owned_grads(method)
     method.owned.zero_grad(set_to_none=True)
     model.zero_grad(set_to_none=True)
-    ref, img_mix_bb = official_step(method, model, x, y, d, even)
+    ref, _ = official_step(method, model, x, y, d, even)
     ref.backward()
     assert float(out["loss"]) == pytest.approx(float(ref), rel=1e-5)
     theirs = owned_grads(method)
@@ -243,7 +243,7 @@ def test_step_is_the_official_forward_train_on_fixed_draws(n, even, lam):
 
 
 def test_margin_case_makes_the_bb_mix_the_linear_mix_exactly():
-    method, model, x, y = setup()
+    method, _, x, _ = setup()
     d = fixed_draws(8, 3, seed=1, lam=[0.01, 0.6, 0.39])
     mixes = method.masks(x, d)
     assert mixes["fallback"] and torch.equal(mixes["x_bb"], mixes["x_lin"])
@@ -315,7 +315,7 @@ def test_momentum_schedule_matches_the_cosine_schedule_hook():
 
 @pytest.mark.parametrize("m", [0.0, 1.0])
 def test_momentum_update_moves_parameters_never_buffers(m):
-    method, model, x, y = setup(momentum=m, end_momentum=m)
+    method, model, x, _ = setup(momentum=m, end_momentum=m)
     k_model = method.owned["k"]
     with torch.no_grad():
         for p in model.parameters():
@@ -334,7 +334,7 @@ def test_momentum_update_moves_parameters_never_buffers(m):
 
 
 def test_state_dict_round_trip():
-    method, model, x, y = setup()
+    method, *_ = setup()
     state = method.state_dict()
     other, *_ = setup()
     with torch.no_grad():
