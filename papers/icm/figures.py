@@ -38,7 +38,8 @@ def _stat_histories(folders: list[Path], key: str) -> list[list[dict]]:
     return out
 
 
-def noise_figure(runs: list[tuple[str, Path]], stem: Path, stamp: str, batch_size: int = 512) -> dict:
+def noise_figure(runs: list[tuple[str, Path]], stem: Path, stamp: str, batch_size: int = 512,
+                 analytic_applies: bool = True) -> dict:
     """Left: the measured CL-noise rate of the pairs each arm drew, per epoch (mean, min-max band over seeds), with
     the analytic rate of uniform partners; right: the purity of the clusters the ICM runs paired within."""
     by_label: dict[str, list[Path]] = {}
@@ -60,9 +61,10 @@ def noise_figure(runs: list[tuple[str, Path]], stem: Path, stamp: str, batch_siz
         message_figure(stem, "ICM: complementary-label noise of the pairs drawn",
                        "no finished run logged a noise rate yet: train the runs first", stamp)
         return {}
-    analytic = 100 * expected_mixup_noise(10, batch_size)
-    ax_noise.axhline(analytic, color="k", linestyle=":", linewidth=1,
-                     label=f"analytic, uniform partners: {analytic:.2f}%")
+    if analytic_applies:  # the formula assumes uniform CLs over balanced classes
+        analytic = 100 * expected_mixup_noise(10, batch_size)
+        ax_noise.axhline(analytic, color="k", linestyle=":", linewidth=1,
+                         label=f"analytic, uniform partners: {analytic:.2f}%")
     ax_noise.set(xlabel="epoch", ylabel="pairs with CL noise (%)", ylim=(0, None),
                  title="CL noise of the pairs drawn (cl_i = y_j or cl_j = y_i)\nmean, band = min-max over seeds")
     ax_noise.legend(fontsize=8)
@@ -83,7 +85,8 @@ def noise_figure(runs: list[tuple[str, Path]], stem: Path, stamp: str, batch_siz
     return {label: float(d[1][-1]) for label, d in drawn.items()}
 
 
-def noise_table(runs: list[tuple[str, Path]], out: Path, batch_size: int = 512, stamp: str = "") -> dict:
+def noise_table(runs: list[tuple[str, Path]], out: Path, batch_size: int = 512, stamp: str = "",
+                analytic_applies: bool = True) -> dict:
     """Spec §6's exact check as a markdown table: per arm, the share of all pairs drawn over every epoch and seed
     that carried CL noise, its 95% binomial interval, and the analytic rate of uniform partners beside it."""
     import math
@@ -107,7 +110,9 @@ def noise_table(runs: list[tuple[str, Path]], out: Path, batch_size: int = 512, 
              "epoch of every finished seed; the interval is the normal approximation to the binomial over all pairs "
              "(pairs within a batch share lam and are treated as independent).",
              f"Analytic rate for uniform partners with replacement, uniform CLs, 10 balanced classes, batch "
-             f"{batch_size}: (2/K - 1/(K(K-1))) (1 - 1/B) = **{100 * analytic:.2f}%**.", "",
+             f"{batch_size}: (2/K - 1/(K(K-1))) (1 - 1/B) = **{100 * analytic:.2f}%**" + (
+                 "." if analytic_applies else " — it does not apply to this experiment (imbalanced classes or "
+                 "biased CLs), so the last column is n/a."), "",
              "| arm | seeds | pairs | noisy pairs (%) | 95% CI | cluster purity (%) | analytic in CI |",
              "|---|---|---|---|---|---|---|"]
     summary = {}
@@ -118,7 +123,7 @@ def noise_table(runs: list[tuple[str, Path]], out: Path, batch_size: int = 512, 
         inside = "yes" if rate - half <= analytic <= rate + half else "no"
         lines.append(f"| {label} | {len(acc['seeds'])} | {int(acc['pairs'])} | {100 * rate:.2f} | "
                      f"[{100 * (rate - half):.2f}, {100 * (rate + half):.2f}] | {purity} | "
-                     f"{inside if label == 'mixup' else '—'} |")
+                     f"{(inside if analytic_applies else 'n/a') if label == 'mixup' else '—'} |")
         summary[label] = rate
     if not rows:
         lines.append("| (no finished run logged a noise rate yet) | | | | | | |")
@@ -190,6 +195,8 @@ def main(argv=None) -> int:
     n.add_argument("--runs", nargs="+", type=_pair, required=True)
     n.add_argument("--batch-size", type=int, default=512)
     n.add_argument("--table", help="also write the noise table (markdown) here")
+    n.add_argument("--no-analytic", action="store_true",
+                   help="the experiment's classes are imbalanced or its CLs biased: no analytic rate")
     c = sub.add_parser("clusters")
     c.add_argument("--config", required=True)
     for p in (n, c):
@@ -199,8 +206,8 @@ def main(argv=None) -> int:
     if args.figure == "noise":
         def both():
             if args.table:
-                noise_table(args.runs, Path(args.table), args.batch_size, args.stamp)
-            return noise_figure(args.runs, Path(args.out), args.stamp, args.batch_size)
+                noise_table(args.runs, Path(args.table), args.batch_size, args.stamp, not args.no_analytic)
+            return noise_figure(args.runs, Path(args.out), args.stamp, args.batch_size, not args.no_analytic)
 
         return exit_status(both)
     return exit_status(lambda: clusters_figure(Path(args.config), Path(args.out), args.stamp))

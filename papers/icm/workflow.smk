@@ -38,6 +38,14 @@ def icm_batch_size(wildcards):
                .get("batch_size", 512))
 
 
+def icm_analytic_flag(wildcards):
+    """--no-analytic unless the experiment has uniform CLs over balanced classes (the analytic rate's assumptions)."""
+    options = ((grid.load_experiment("icm", wildcards.scale, wildcards.experiment).get("data") or {})
+               .get("options") or {})
+    balanced = options.get("cl", "uniform") == "uniform" and float(options.get("imb_factor", 1.0)) == 1.0
+    return "" if balanced else "--no-analytic"
+
+
 def icm_stamp(wildcards):
     return ICM_STAMPS[wildcards.scale]
 
@@ -59,6 +67,7 @@ rule icm_fig_noise:
     params:
         runs=icm_noise_runs,
         batch=icm_batch_size,
+        analytic=icm_analytic_flag,
         stamp=icm_stamp,
     conda:
         "../../envs/repro.yaml"
@@ -66,7 +75,7 @@ rule icm_fig_noise:
         "logs/icm/{scale}/noise_{experiment}.log",
     shell:
         "python -m papers.icm.figures noise --runs {params.runs:q} --batch-size {params.batch} "
-        "--table {output.table:q} --out figures/icm/{wildcards.scale:q}/noise_{wildcards.experiment:q} "
+        "--table {output.table:q} {params.analytic} --out figures/icm/{wildcards.scale:q}/noise_{wildcards.experiment:q} "
         "--stamp {params.stamp:q} > {log:q} 2>&1"
 
 
