@@ -34,7 +34,9 @@ def step_fn(method_name, model_name, kwargs, size, batch, accelerator, options=N
     torch.manual_seed(0)
     model = build_model(model_name, num_classes=10, **kwargs)
     method.check_model(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    owned = method.attach(model)  # modules the method owns (AdAutoMix's generator and k), optimised as in the trainer
+    params = [*model.parameters(), *(q for m in owned.values() for q in m.parameters() if q.requires_grad)]
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     model, optimizer = accelerator.prepare(model, optimizer)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -63,8 +65,9 @@ def main(argv=None) -> dict:
                          "erm": step_fn("erm", model_name, kwargs, size, batch, accelerator)}
                 timed = interleaved(steps, accelerator.device, batch, args.steps, args.warmup, args.rounds)
                 result, base = timed["method"], timed["erm"]
-            except (ReproError, RuntimeError, AttributeError, ValueError) as exc:
-                # e.g. TransMix on a CNN, regression methods on images, methods that need prepare()
+            except (ReproError, RuntimeError, AttributeError, ValueError, IndexError) as exc:
+                # e.g. TransMix on a CNN, regression methods on images, methods that need prepare() or their own
+                # batches (ICM's [cl, y, cluster] targets)
                 rows.append({"case": case, "method": name, "skipped": str(exc).split(";")[0][:80]})
                 continue
             rows.append({"case": case, "method": name, "erm_s_step": base["s_per_step"],
