@@ -196,8 +196,9 @@ def hash_without_new_options(cfg):
     data = run_dict(cfg)
     for key in ("output_dir", "resources"):
         data.pop(key)
-    for key in ("num_workers", "root", "repeated_aug", "shuffle"):
+    for key in ("num_workers", "root", "repeated_aug", "shuffle", "options"):
         data["data"].pop(key)
+    del data["optim"]["reset_each_epoch"]
     if data["data"]["val_per_class"] is False:
         del data["data"]["val_per_class"]
     del data["schedule"]["cooldown_epochs"]
@@ -215,7 +216,7 @@ def test_new_options_at_their_neutral_value_keep_the_hash():
     assert config_hash(cfg) == "808073dde329fe61"  # computed before the options were added
     assert config_hash(load_config(path, ["train.world_size=1"], method_label="erm")) == config_hash(cfg)
     for changed in (["data.repeated_aug=3"], ["schedule.cooldown_epochs=1"], ["train.find_unused_parameters=true"],
-                    ["train.world_size=2"]):
+                    ["train.world_size=2"], ["optim.reset_each_epoch=true"]):
         assert config_hash(load_config(path, changed, method_label="erm")) != config_hash(cfg)
 
 
