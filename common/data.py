@@ -26,6 +26,7 @@ torchvision ImageFolder loaders do, so CIFAR-10 costs ~57 MB of RAM rather than 
 from __future__ import annotations
 
 import copy
+import gzip
 import hashlib
 import inspect
 import io
@@ -795,6 +796,41 @@ def _image_folder_splits(
             f"{train.classes}; both splits need the same class folders."
         )
     return train, test, tuple(train.classes)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (MNIST-family images / labels; ``.gz`` or raw) as a uint8 array: ``(N, 28, 28)`` or ``(N,)``.
+
+    Raises:
+        ReproError: naming the file, when it cannot be read, is not an unsigned-byte idx file, or is truncated.
+    """
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError) as err:
+        raise ReproError(f"cannot read {path} ({err}); replace the file with a good copy.") from err
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ReproError(f"{path} is not an unsigned-byte idx file (magic {data[:4].hex()}, expected 0000080N); "
+                         "replace it with a good copy.")
+    ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ReproError(f"{path} ends inside its header: the file is truncated; replace it with a good copy.")
+    shape = tuple(int.from_bytes(data[4 + 4 * k:8 + 4 * k], "big") for k in range(ndim))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise ReproError(f"{path}: header says {shape} ({int(np.prod(shape))} values) but {body.size} follow: the "
+                         "file is truncated; replace it with a good copy.")
+    return body.reshape(shape)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write unsigned bytes as an idx file, gzipped (reproducibly: no timestamp) when `path` ends in .gz."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.tobytes()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(gzip.compress(data, mtime=0) if str(path).endswith(".gz") else data)
 
 
 def _sha256(path: Path) -> str:

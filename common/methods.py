@@ -160,7 +160,7 @@ class Method:
     def ema_model(self):
         """A weight average the method keeps itself (AdAutoMix's k), evaluated as the EMA model (test_ema_*)
         in place of the trainer's train.ema_decay one; None by default."""
-        return None
+        return
 
     def state_dict(self) -> dict:
         return {}

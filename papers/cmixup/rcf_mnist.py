@@ -29,7 +29,6 @@ memory at the start of a run (about 10 s; 560 MB of float32 for the full set).
 
 from __future__ import annotations
 
-import gzip
 import os
 from pathlib import Path
 
@@ -38,6 +37,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from common.data import read_idx, write_idx
 from common.errors import ReproError
 
 DEBIAN_FOLDER = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
@@ -46,38 +46,9 @@ TRAIN_IMAGES = "train-images-idx3-ubyte"  # .gz or uncompressed
 OFFICIAL_SPLIT = (40000, 10000, 10000)  # random_split of the 60,000 training images
 SPURIOUS_RATIO = 0.8  # config.py 'RCF_MNIST' spurious_ratio
 COLOR_LOWER_BOUND = np.float32(5 / 255)  # red_blue_linear_map: only pixels above it are coloured
-IDX_MAGIC = {0x08: np.uint8}  # idx type byte -> dtype (Fashion-MNIST is unsigned bytes)
 
 
 # ---------------------------------------------------------------------------------------------- idx files
-def read_idx(path: Path) -> np.ndarray:
-    """An idx file (gzipped or not) as a NumPy array: magic `0 0 type ndim`, big-endian int32 sizes, data."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    try:
-        with opener(path, "rb") as fh:
-            raw = fh.read()
-    except (OSError, EOFError) as err:
-        raise ReproError(f"cannot read {path} ({err}); reinstall dataset-fashion-mnist or re-copy the file.") from err
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_MAGIC:
-        raise ReproError(f"{path} is not an unsigned-byte idx file (magic {raw[:4].hex()}); expected 0000080N.")
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * k:8 + 4 * k], "big") for k in range(ndim))
-    body = np.frombuffer(raw, dtype=IDX_MAGIC[raw[2]], offset=4 + 4 * ndim)
-    if body.size != int(np.prod(shape)):
-        raise ReproError(f"{path}: header says {shape} ({int(np.prod(shape))} values) but {body.size} follow; "
-                         "the file is truncated, re-copy it.")
-    return body.reshape(shape)
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write unsigned bytes as an idx file (gzipped when `path` ends in .gz): the committed sample and tests."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    data = header + array.tobytes()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes(gzip.compress(data, mtime=0) if str(path).endswith(".gz") else data)  # reproducible
-
-
 def fashion_mnist_folder(root: Path | None) -> tuple[Path, Path]:
     """`(folder, train-images file)`: `data.root`, else `$REPRO_DATA_DIR/fashion_mnist/`, else Debian's folder."""
     env = os.environ.get("REPRO_DATA_DIR")

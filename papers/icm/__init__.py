@@ -12,7 +12,20 @@ from papers.icm.method import (
     icm_batch,
     pair_noise,
 )
-from papers.icm.model import MLPCLL, mlp_cll  # noqa: F401  (registers `mlp_cll` into timm)
+from papers.icm.model import MLPCLL, mlp_cll
 
-__all__ = ["CLLMixup", "CLLNone", "ICMMix", "ICMOfficial", "MLPCLL", "batch_partners", "cll_loss", "cluster_partners",
-           "expected_mixup_noise", "flip_crop", "icm_batch", "mlp_cll", "pair_noise"]
+__all__ = [
+    "MLPCLL",
+    "CLLMixup",
+    "CLLNone",
+    "ICMMix",
+    "ICMOfficial",
+    "batch_partners",
+    "cll_loss",
+    "cluster_partners",
+    "expected_mixup_noise",
+    "flip_crop",
+    "icm_batch",
+    "mlp_cll",
+    "pair_noise",
+]

@@ -42,7 +42,6 @@ Where the images come from (one line error naming the fix when absent):
 
 from __future__ import annotations
 
-import gzip
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -51,7 +50,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.data import DATA_ROOT_ENV, REPO_ROOT, DataInfo, _cache_dir, _RawSplits, register_dataset
+from common.data import (  # noqa: F401  (read_idx / write_idx: the shared idx reader, re-exported)
+    DATA_ROOT_ENV,
+    REPO_ROOT,
+    DataInfo,
+    _cache_dir,
+    _RawSplits,
+    read_idx,
+    register_dataset,
+    write_idx,
+)
 from common.errors import ReproError
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -77,36 +85,6 @@ CLUSTER_SOURCES = ("pca", "pixels", "simsiam", "labels")
 
 
 # ------------------------------------------------------------------------------------------------ idx files
-def read_idx(path: Path) -> np.ndarray:
-    """An idx file (``.gz`` or raw) as a uint8 array: images ``(N, 28, 28)``, labels ``(N,)``."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as fh:
-            data = fh.read()
-    except (OSError, EOFError) as err:
-        raise ReproError(f"cannot read {path}: {err}; replace the file with a good copy.") from err
-    if len(data) < 8 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ReproError(f"{path} is not an unsigned-byte idx file (bad magic number); replace it with a good copy.")
-    ndim = data[3]
-    if len(data) < 4 + 4 * ndim:
-        raise ReproError(f"{path} ends inside its header: the file is truncated; replace it with a good copy.")
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(shape)):
-        raise ReproError(f"{path} holds {body.size} values but its header says {shape}: the file is truncated; "
-                         "replace it with a good copy.")
-    return body.reshape(shape)
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 array as an idx file (gzip when the name ends in .gz): for samples and tests."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "wb") as fh:
-        fh.write(header + array.tobytes())
-
-
 def _idx_folder(folder: Path, raw_name: str | None = None) -> dict[str, Path] | None:
     """The four idx files in `folder` or in its torchvision subfolder `<raw_name>/raw/` (e.g. MNIST/raw: only the
     named dataset's, so a shared torchvision root never hands out another dataset), `.gz` or not; None if absent."""

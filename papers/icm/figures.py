@@ -106,9 +106,9 @@ def noise_table(runs: list[tuple[str, Path]], out: Path, batch_size: int = 512, 
                 acc["purity"].add(round(stats.get("cluster_purity", float("nan")), 4))
     lines = ["# ICM: complementary-label noise of the pairs drawn (spec §6)", "",
              f"{stamp}", "",
-             "A pair (i, j) is noisy when cl_i = y_j or cl_j = y_i (the official `count_error` test). Rates pool every "
-             "epoch of every finished seed; the interval is the normal approximation to the binomial over all pairs "
-             "(pairs within a batch share lam and are treated as independent).",
+             ("A pair (i, j) is noisy when cl_i = y_j or cl_j = y_i (the official `count_error` test). Rates pool every "
+              "epoch of every finished seed; the interval is the normal approximation to the binomial over all pairs "
+              "(pairs within a batch share lam and are treated as independent)."),
              f"Analytic rate for uniform partners with replacement, uniform CLs, 10 balanced classes, batch "
              f"{batch_size}: (2/K - 1/(K(K-1))) (1 - 1/B) = **{100 * analytic:.2f}%**" + (
                  "." if analytic_applies else " — it does not apply to this experiment (imbalanced classes or "
