@@ -80,7 +80,7 @@ class ScheduleConfig:
     warmup_epochs: float = 0.0
     warmup_lr: float = 1e-6
     min_lr: float = 0.0
-    milestones: list = field(default_factory=list)  # epochs after which lr *= gamma (multistep)
+    milestones: list = field(default_factory=list)  # epochs after which lr *= gamma: m -> 0-based epoch m on (multistep)
     gamma: float = 0.1
     # cosine only: the last cooldown_epochs of train.epochs run at min_lr after the cosine ends, as timm's train.py
     # with --cooldown-epochs (its --epochs 300 --cooldown-epochs 10 is train.epochs 310, cooldown_epochs 10 here)

@@ -105,8 +105,11 @@ def build_scheduler(optimizer, cfg: RunConfig, updates_per_epoch: int):
     if s.name == "multistep":
         if not s.milestones:
             raise ReproError("schedule.name=multistep needs schedule.milestones (epochs), e.g. [100, 150].")
+        # timm's MultiStepLRScheduler counts decay_t <= t + 1, so decay_t = m would already drop the lr in 0-based
+        # epoch m - 1; + 1 makes a milestone m mean "after m epochs" (0-based epoch m onwards), as the official
+        # `if epoch >= 100: lr /= 10` (mixup-cifar10) and torch's MultiStepLR stepped once per epoch
         return MultiStepLRScheduler(
-            optimizer, decay_t=[int(m * unit) for m in s.milestones], decay_rate=s.gamma,
+            optimizer, decay_t=[int(m * unit) + 1 for m in s.milestones], decay_rate=s.gamma,
             warmup_t=warmup, warmup_lr_init=s.warmup_lr, t_in_epochs=in_epochs,
         )
     if s.name == "constant":
@@ -285,7 +288,7 @@ def calibration_extras(outputs: dict) -> tuple[dict, dict]:
 
 
 PRIMARY = {"classification": ("top1", max), "regression": ("rmse", min)}
-HIGHER_IS_BETTER = {"top1": True, "top5": True, "r": True}  # every other metric: lower is better
+HIGHER_IS_BETTER = {"top1": True, "top5": True, "r": True, "r_worst_group": True}  # every other: lower is better
 SHOWN = ("top1", "top5", "nll", "ece", "ts_ece", "rmse", "mape")  # the per-epoch line a person reads
 
 

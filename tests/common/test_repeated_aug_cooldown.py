@@ -228,3 +228,37 @@ def test_transmix_deit_configs_set_repeats_and_cooldown_as_their_recipe(path):
         assert (cfg.data.repeated_aug, cfg.train.epochs, cfg.schedule.cooldown_epochs) == (3, 300, 0)
     else:  # TransMix's train.py (timm 0.5.4): aug_repeats 0, loops over 300 + 10 cool-down epochs
         assert (cfg.data.repeated_aug, cfg.train.epochs, cfg.schedule.cooldown_epochs) == (0, 310, 10)
+
+
+# ------------------------------------------------------------------------------------------- multistep
+def multistep_lrs(per, milestones, epochs, upe=3, base=0.1, gamma=0.1):
+    cfg = load_config(None, [f"train.epochs={epochs}", "schedule.name=multistep", f"schedule.per={per}",
+                             f"schedule.milestones={list(milestones)}", f"schedule.gamma={gamma}", f"optim.lr={base}"])
+    opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=base)
+    return lrs_used(build_scheduler(opt, cfg, upe), opt, epochs, upe)
+
+
+@pytest.mark.parametrize("per", ["epoch", "step"])
+def test_multistep_milestone_m_drops_after_m_epochs_as_the_official_loops(per):
+    """mixup-cifar10's adjust_learning_rate (0-based `epoch >= 100: lr /= 10`, again at 150), and torch's MultiStepLR
+    stepped once per epoch (RankMixup, CutMix): milestone m = the lr drops from 0-based epoch m on."""
+    upe, base = 3, 0.1
+    used = multistep_lrs(per, [100, 150], 200, upe, base)
+
+    def official(epoch):
+        lr = base
+        if epoch >= 100:
+            lr /= 10
+        if epoch >= 150:
+            lr /= 10
+        return lr
+
+    assert used == pytest.approx([official(e) for e in range(200) for _ in range(upe)], rel=1e-12)
+    opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=base)
+    torch_sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[100, 150], gamma=0.1)
+    reference = []
+    for _ in range(200):
+        reference += [opt.param_groups[0]["lr"]] * upe
+        opt.step()
+        torch_sched.step()
+    assert used == pytest.approx(reference, rel=1e-12)

@@ -236,7 +236,7 @@ def test_ce_arm_is_cross_entropy_from_the_start_without_teachers():
 
 
 # ------------------------------------------------------------------ optimiser and learning rates (§6.8)
-def _cfg(tmp_path, lr=0.01, milestones=(3,)):  # 3: the drop at 0-based epoch 2
+def _cfg(tmp_path, lr=0.01, milestones=(2,)):  # 2: the drop after 2 epochs (0-based epoch 2)
     path = tmp_path / "cfg.yaml"
     path.write_text(f"optim: {{name: sgd, lr: {lr}, momentum: 0.9, weight_decay: 0.0}}\n"
                     f"schedule: {{name: multistep, per: epoch, milestones: {list(milestones)}, gamma: 0.1}}\n"
@@ -461,7 +461,7 @@ def test_three_steps_match_the_official_training_step(official, tmp_path, disc_l
     kd_loss, d_loss = official["kd"].KLLoss(), official["loss"].discriminatorLoss(off_disc)
     off_opt = official["train"]["create_optimizer"](wrapper, {"params": off_disc.parameters(), "lr": 1e-4}, 0.9, 0)
     regime = official["train"]["LearningRateRegime"]([0, 1, 0.01, 2, 300, 0.001])
-    cfg = _cfg(tmp_path, milestones=(3,))  # our multistep drops at 0-based epoch milestone - 1 = 2
+    cfg = _cfg(tmp_path, milestones=(2,))  # the official regime's drop at 0-based epoch 2
     our_opt = build_optimizer(ours, cfg)
     scheduler = build_scheduler(our_opt, cfg, 1)
     g = torch.Generator().manual_seed(5)
