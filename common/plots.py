@@ -486,6 +486,16 @@ def _stamp(fig, stamp: str) -> None:
     fig.text(0.005, 0.005, stamp, ha="left", va="bottom", fontsize=7, color="0.35", style="italic")
 
 
+def labelled_run(text: str) -> tuple[str, Path]:
+    """argparse type of a figure CLI's `--runs LABEL=RUN_DIR` entries."""
+    import argparse
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--runs entries look like LABEL=RUN_DIR, got {text!r}")
+    label, folder = text.split("=", 1)
+    return label, Path(folder)
+
+
 def save_figure(fig, out_stem: str | Path) -> None:
     """Write `<stem>.png` (150 dpi) and `<stem>.pdf`, creating folders, and close the figure.
     Every figure of the project, shared or paper-specific, is saved through this one function."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from common.config import read_yaml
 from common.errors import ReproError, exit_status
-from common.plots import plot_seed_bars, save_figure
+from common.plots import labelled_run, plot_seed_bars, save_figure
 from papers.cmixup.method import pair_probability_rows
 
 KERNEL_METHODS = ("cmixup", "cmixup_batch")
@@ -90,18 +90,11 @@ def kernel_figure(config: Path, stem: Path, stamp: str, quantiles=(0.1, 0.5, 0.9
     return drawn
 
 
-def _pair(text: str) -> tuple[str, Path]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--runs entries look like LABEL=RUN_DIR, got {text!r}")
-    label, folder = text.split("=", 1)
-    return label, Path(folder)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m papers.cmixup.figures")
     sub = parser.add_subparsers(dest="figure", required=True)
     r = sub.add_parser("rmse")
-    r.add_argument("--runs", nargs="+", type=_pair, required=True)
+    r.add_argument("--runs", nargs="+", type=labelled_run, required=True)
     k = sub.add_parser("kernel")
     k.add_argument("--config", required=True)
     for p in (r, k):

@@ -19,7 +19,7 @@ import numpy as np
 
 from common.config import read_yaml
 from common.errors import ReproError, exit_status
-from common.plots import _band, _seed_curve, _stamp, load_history, message_figure, save_figure
+from common.plots import _band, _seed_curve, _stamp, labelled_run, load_history, message_figure, save_figure
 from papers.icm.method import expected_mixup_noise
 
 COLORS = {"mixup": "tab:red", "icm_official": "tab:blue", "icm_mix": "tab:green", "none": "0.4"}
@@ -181,18 +181,11 @@ def clusters_figure(config: Path, stem: Path, stamp: str, n_clusters: int = 6, p
     return {"purity": overall, "clusters": k}
 
 
-def _pair(text: str) -> tuple[str, Path]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--runs entries look like LABEL=RUN_DIR, got {text!r}")
-    label, folder = text.split("=", 1)
-    return label, Path(folder)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m papers.icm.figures")
     sub = parser.add_subparsers(dest="figure", required=True)
     n = sub.add_parser("noise")
-    n.add_argument("--runs", nargs="+", type=_pair, required=True)
+    n.add_argument("--runs", nargs="+", type=labelled_run, required=True)
     n.add_argument("--batch-size", type=int, default=512)
     n.add_argument("--table", help="also write the noise table (markdown) here")
     n.add_argument("--no-analytic", action="store_true",

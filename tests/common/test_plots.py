@@ -1,6 +1,7 @@
 """Figures: the numbers drawn are the numbers in the logs, and nothing is drawn that was not run."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,3 +183,13 @@ def test_runs_with_a_validation_split_plot_their_test_curve(tmp_path):
     (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     drawn = plots.plot_curves({"erm": [folder]}, tmp_path / "c", "t", STAMP)
     np.testing.assert_allclose(drawn["erm"][1], [30.0, 45.0])
+
+
+def test_labelled_run_splits_at_the_first_equals_sign_and_names_the_bad_entry():
+    import argparse
+
+    from common.plots import labelled_run
+
+    assert labelled_run("C-Mixup=results/a=b/seed0") == ("C-Mixup", Path("results/a=b/seed0"))
+    with pytest.raises(argparse.ArgumentTypeError, match="LABEL=RUN_DIR, got 'results/x'"):
+        labelled_run("results/x")
