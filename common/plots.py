@@ -13,6 +13,7 @@ Nothing is ever invented: a method without runs is left out, and a figure with n
 from __future__ import annotations
 
 import json
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -363,7 +364,9 @@ def plot_forest(
                 ax.plot(entry["paper_gain"], y, "D", mfc="none", mec="black", markersize=6)
             rows.append((entry["label"], entry["gain"], low, high, entry.get("paper_gain")))
         drawn[name] = rows[::-1]
-        ax.set_yticks(range(len(entries)), [entry["label"] for entry in reversed(entries)], fontsize=7)
+        # long labels wrap onto a second line instead of running off the figure's left edge
+        ax.set_yticks(range(len(entries)), [textwrap.fill(entry["label"], 72) for entry in reversed(entries)],
+                      fontsize=7)
         ax.set_ylim(-0.7, len(entries) - 0.3)
         ax.axvline(0.0, color="0.2", linewidth=0.8)
         if reference is not None:
