@@ -22,7 +22,7 @@ Each loader follows the official one in huaxiuyao/C-Mixup `src/data/` (read, not
 
 Committed samples of a few dozen rows (`tests/data/<name>-mini/`, `scripts/make_cmixup_samples.py`) are
 registered as `<name>-mini` with the same parsing and splitting, for smoke runs and tests on a fresh clone
-(`rcf_mnist-mini`: the first 120 Fashion-MNIST training images, `tests/data/fashion_mnist-mini/`).
+(`rcf_mnist-mini`: the first 120 training images of the committed Fashion-MNIST sample, `tests/data/fashion-mnist-mini/`).
 """
 
 from __future__ import annotations
@@ -322,17 +322,22 @@ def _electricity(root: Path | None, allow_download: bool) -> _RawSplits:
 
 
 # ------------------------------------------------------------------------------------------------ RCF-MNIST
+RCF_MINI_IMAGES = 120  # smoke: 80 / 20 / 20 after the official 4 : 1 : 1 split
+
+
 def _rcf_mnist(name: str, root: Path | None, split_seed: int, sample: bool) -> _RawSplits:
     """RCF-MNIST built from the Fashion-MNIST training images (papers/cmixup/rcf_mnist.py)."""
     if sample:
-        folder = Path(root) if root is not None else SAMPLES / "fashion_mnist-mini"
+        folder = Path(root) if root is not None else SAMPLES / "fashion-mnist-mini"  # shared with ICM's tests
         path = folder / f"{rcf_mnist.TRAIN_IMAGES}.gz"
         if not path.is_file():
-            raise ReproError(f"the committed sample {path} is missing; rebuild it with `python -m "
-                             "papers.cmixup.rcf_mnist sample` (needs Fashion-MNIST).")
+            raise ReproError(f"the committed sample {path} is missing; rebuild it with `python "
+                             "scripts/make_fashion_mnist_mini.py` (needs Fashion-MNIST).")
     else:
         _, path = rcf_mnist.fashion_mnist_folder(root)
     images = rcf_mnist.read_idx(path)
+    if sample:
+        images = images[:RCF_MINI_IMAGES]
     if images.ndim != 3:
         raise ReproError(f"{path} holds an array of shape {images.shape}; expected (N, 28, 28) images (the "
                          "train-images idx file, not the labels).")
@@ -349,7 +354,7 @@ def _rcf_mnist_full(root: Path | None, allow_download: bool, split_seed: int = 0
 
 @register_dataset("rcf_mnist-mini", seeded_split=True)
 def _rcf_mnist_mini(root: Path | None, allow_download: bool, split_seed: int = 0) -> _RawSplits:
-    """RCF-MNIST from the committed 120-image sample (tests/data/fashion_mnist-mini/): smoke runs only."""
+    """RCF-MNIST from the first 120 images of the committed sample (tests/data/fashion-mnist-mini/): smoke only."""
     return _rcf_mnist("rcf_mnist-mini", root, split_seed, sample=True)
 
 

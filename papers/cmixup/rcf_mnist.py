@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from common.data import read_idx, write_idx
+from common.data import read_idx, write_idx  # noqa: F401 (part of this module's API: data.py and the tests use them)
 from common.errors import ReproError
 
 DEBIAN_FOLDER = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
@@ -185,30 +185,3 @@ def build_rcf_mnist(images: np.ndarray, seed: int) -> dict[str, ImageRegression]
         features, domains = colour_split(pixels, labels, name, rng)
         splits[name] = ImageRegression(features, labels, domains)
     return splits
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m papers.cmixup.rcf_mnist sample [--count 120] [--out tests/data/fashion_mnist-mini]`: write the
-    first `count` Fashion-MNIST training images as the committed smoke sample."""
-    import argparse
-
-    from common.data import REPO_ROOT
-    from common.errors import exit_status
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("command", choices=["sample"])
-    parser.add_argument("--count", type=int, default=120)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "tests" / "data" / "fashion_mnist-mini")
-    parser.add_argument("--root", type=Path, default=None, help="Fashion-MNIST folder (default: as the loader)")
-    args = parser.parse_args(argv)
-
-    def write_sample() -> None:
-        _, path = fashion_mnist_folder(args.root)
-        write_idx(args.out / f"{TRAIN_IMAGES}.gz", read_idx(path)[:args.count])
-        print(f"wrote {args.count} images of {path} to {args.out / (TRAIN_IMAGES + '.gz')}")
-
-    return exit_status(write_sample)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
