@@ -391,7 +391,8 @@ def regression_metrics(preds: torch.Tensor, targets: torch.Tensor, domains: torc
         domains: optional `(N,)` integer domain of each example.
 
     Returns:
-        `{'rmse', 'mape', 'r'}`, plus `{'rmse_worst_domain', 'rmse_domain_mean', 'r_worst_domain'}` with `domains`.
+        `{'rmse', 'mape', 'r'}`, plus `{'rmse_worst_domain', 'rmse_domain_mean', 'r_worst_domain', 'r_worst_group'}`
+        with `domains`.
     """
     # (N, 1) -> (N,) on both sides, as the official code squeezes, so (N,) vs (N, 1) never broadcasts.
     pred = preds.squeeze(1) if preds.dim() == 2 and preds.shape[1] == 1 else preds
@@ -430,6 +431,8 @@ def regression_metrics(preds: torch.Tensor, targets: torch.Tensor, domains: torc
         r_domain = torch.stack([_pearson(pred2[group == g], true2[group == g]) for g in range(len(counts))])
         finite = r_domain[~torch.isnan(r_domain)]
         out["r_worst_domain"] = float(finite[finite.abs().argmin()].item()) if len(finite) else float("nan")
+        # WILDS' r_wg (PovertyMap): the smallest signed r of a group (PearsonCorrelation.worst, NaN groups ignored)
+        out["r_worst_group"] = float(finite.min().item()) if len(finite) else float("nan")
     return out
 
 

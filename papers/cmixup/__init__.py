@@ -13,6 +13,9 @@ from papers.cmixup.method import (
     sample_partners,
 )
 from papers.cmixup.mlp import RegressionMLP, mlp_regression  # noqa: F401  (registers `mlp_regression` into timm)
+from papers.cmixup.poverty import (
+    resnet18_poverty,  # registers `poverty` (WILDS PovertyMap) and `resnet18_poverty`
+)
 from papers.cmixup.resnet_rcf import (  # registers `resnet18_rcf` (RCF-MNIST) into timm
     RCFResNet18,
     resnet18_rcf,
@@ -36,6 +39,7 @@ __all__ = [
     "optimal_assignment",
     "pair_probabilities",
     "pair_probability_rows",
+    "resnet18_poverty",
     "resnet18_rcf",
     "sample_partners",
 ]

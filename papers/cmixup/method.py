@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 from common.errors import ReproError
-from common.methods import Method, register_method
+from common.methods import Method, TrainPass, register_method
 from common.mixing import sample_beta
 
 PARTNERS = ("uniform", "kernel", "batch_kernel")
@@ -119,9 +119,34 @@ def official_draws(rng: np.random.RandomState, probabilities, batch_size: int, a
     return batches
 
 
-def mix_pair(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
-    """`lam * a + (1 - lam) * b`, the official operation order (inputs, features and targets)."""
-    return a * lam + b * (1 - lam)
+def mix_pair(a: torch.Tensor, b: torch.Tensor, lam) -> torch.Tensor:
+    """`lam * a + (1 - lam) * b`, the official operation order (inputs, features and targets).
+
+    `lam` is a float, or a `(B,)` float64 tensor of one weight per row (PovertyMap `mixup.py` `mix_up`: both
+    `l` and `1 - l` are computed in float64, then cast to float32 and broadcast over each row)."""
+    if not torch.is_tensor(lam):
+        return a * lam + b * (1 - lam)
+    shape = (-1,) + (1,) * (a.dim() - 1)
+    return a * lam.to(torch.float32).to(a.device).view(shape) + b * (1 - lam).to(torch.float32).to(b.device).view(shape)
+
+
+def partners_excluding_self(rows: torch.Tensor | None, anchors: torch.Tensor, n: int, uniforms: torch.Tensor
+                            ) -> torch.Tensor:
+    """One partner per anchor, never the anchor itself (PovertyMap `get_sample`: redraw while `idx == prev_idx`,
+    i.e. the row's law conditioned on `j != i`).
+
+    Args:
+        rows: `(B, N)` kernel rows, or None for uniform partners over the other `N - 1` rows.
+        anchors: `(B,)` int64 training-set indices of the anchors.
+        n: training-set size N.
+        uniforms: `(B,)` float64 in [0, 1).
+    """
+    if rows is None:  # uniform over the N - 1 others: floor(u (N - 1)), shifted past the anchor
+        draw = (uniforms * (n - 1)).floor().long().clamp_(max=n - 2).to(anchors.device)
+        return draw + (draw >= anchors).long()
+    rows = rows.clone()
+    rows[torch.arange(len(anchors), device=rows.device), anchors.to(rows.device)] = 0.0
+    return sample_partners(rows, uniforms)
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -130,7 +155,11 @@ class RegressionMixup(Method):
 
     Options: `alpha` (Beta), `partners` ('uniform' | 'kernel' | 'batch_kernel'), `bandwidth` (sigma, label
     units; kernel laws only), `manifold` (mix the output of the model's first block, as `forward_mixup`).
-    Label smoothing is meaningless here and is rejected.
+    PovertyMap's `train_mixup` (`PovertyMap/main.py`, `mixup.py`, `models/poverty.py`) adds, all off by default:
+    `lam_per_sample` (one Beta draw per row), `exclude_self` (partner != anchor; the training set is then served
+    with each row's index appended to its target, `train_dataset`), `both_directions` (the step trains on
+    `[mix(x_i, x_j, l1); mix(x_j, x_i, l2)]`, 2B rows, `l2` drawn anew) and `anchors_per_batch` (loader batch of
+    anchors; main.py halves batch 64 to 32 for mixup). Label smoothing is meaningless here and is rejected.
     """
 
     @dataclass
@@ -139,6 +168,10 @@ class RegressionMixup(Method):
         partners: str = "kernel"
         bandwidth: float = 1.75  # main.sh, Airfoil
         manifold: bool = False
+        lam_per_sample: bool = False
+        exclude_self: bool = False
+        both_directions: bool = False
+        anchors_per_batch: int | None = None
 
     def __init__(self, params, num_classes, label_smoothing=0.0, task="classification"):
         super().__init__(params, num_classes, label_smoothing, task)
@@ -151,6 +184,11 @@ class RegressionMixup(Method):
             raise ReproError(f"method.bandwidth must be > 0 (label units), got {p.bandwidth!r}.")
         if label_smoothing:
             raise ReproError(f"method {self.name!r} is for regression; set train.label_smoothing=0.")
+        if p.exclude_self and p.partners == "batch_kernel":
+            raise ReproError("method.exclude_self applies to partners 'uniform' and 'kernel' (PovertyMap), not "
+                             "'batch_kernel'.")
+        if p.anchors_per_batch is not None and p.anchors_per_batch < 1:
+            raise ReproError(f"method.anchors_per_batch must be >= 1 or null, got {p.anchors_per_batch!r}.")
         self.features = self.labels = self.dataset = None
 
     def prepare(self, train_dataset, info) -> None:
@@ -176,18 +214,37 @@ class RegressionMixup(Method):
         if self.params.manifold:
             _first_block_split(model)
 
+    def passes(self, epochs: int, batch_size: int) -> list[TrainPass]:
+        """With `anchors_per_batch`, every epoch loads that many anchors per batch (needs schedule.per=epoch)."""
+        batch = self.params.anchors_per_batch
+        return [TrainPass(epoch, 1, batch_size=batch) for epoch in range(epochs)] if batch else \
+            super().passes(epochs, batch_size)
+
+    def train_dataset(self, train_ds, info, train_pass: TrainPass):
+        """With `exclude_self`, the training rows with their index appended to the target (float64, exact)."""
+        return IndexedTargets(train_ds) if self.params.exclude_self else train_ds
+
     def _partner_inputs(self, idx: torch.Tensor, device) -> torch.Tensor:
         if self.features is not None:
             return self.features[idx.cpu()].to(device)
         # windows built on the fly (time series): fetch the B partners like a loader would
         return default_collate([self.dataset[int(i)][0] for i in idx.cpu()]).to(device)
 
-    def draw(self, targets: torch.Tensor, generator: torch.Generator):
-        """`(lam, partner indices into the training set (B,))`; for 'batch_kernel' indices into [batch; pool]."""
+    def draw(self, targets: torch.Tensor, generator: torch.Generator, anchors: torch.Tensor | None = None):
+        """`(lam, partner indices into the training set (B,))`; for 'batch_kernel' indices into [batch; pool].
+
+        With `exclude_self` (`anchors`: the anchors' training-set indices) the partners come first, then `lam`
+        (B,) float64 with `lam_per_sample`, and with `both_directions` `lam` is a pair `(l1, l2)`."""
         if self.labels is None:
             raise ReproError(f"method {self.name!r} needs prepare(train_dataset, info) before step().")
         p, batch = self.params, targets.shape[0]
-        lam = float(sample_beta(p.alpha, 1, generator)[0])
+        if p.exclude_self:
+            u = torch.rand(batch, generator=generator, dtype=torch.float64)
+            rows = pair_probability_rows(targets, self.labels.to(targets.device), p.bandwidth) \
+                if p.partners == "kernel" else None
+            partner = partners_excluding_self(rows, anchors, self.labels.shape[0], u)
+            return self._draw_lam(batch, generator), partner
+        lam = self._draw_lam(batch, generator)
         if p.partners == "kernel":
             u = torch.rand(batch, generator=generator, dtype=torch.float64)
             rows = pair_probability_rows(targets, self.labels.to(targets.device), p.bandwidth)
@@ -202,9 +259,19 @@ class RegressionMixup(Method):
         rows = pair_probability_rows(targets, pool, p.bandwidth)
         return lam, (uniform, sample_partners(rows, u))
 
+    def _draw_lam(self, batch: int, generator: torch.Generator):
+        p = self.params
+        if not p.lam_per_sample:
+            return float(sample_beta(p.alpha, 1, generator)[0])
+        lam = [torch.from_numpy(sample_beta(p.alpha, batch, generator)) for _ in range(1 + p.both_directions)]
+        return tuple(lam) if p.both_directions else lam[0]
+
     def step(self, model, batch, ctx):
         inputs, targets = batch
-        lam, partner = self.draw(targets, ctx.generator)
+        anchors = None
+        if self.params.exclude_self:  # IndexedTargets: the row's training-set index is the last target column
+            anchors, targets = targets[:, -1].long(), targets[:, :-1].float()
+        lam, partner = self.draw(targets, ctx.generator, anchors)
         if self.params.partners == "batch_kernel":
             uniform, pooled = partner
             pool_x = torch.cat([inputs, self._partner_inputs(uniform, inputs.device)])
@@ -214,6 +281,11 @@ class RegressionMixup(Method):
         else:
             x2 = self._partner_inputs(partner, inputs.device)
             y2 = self.labels[partner.cpu()].to(targets.device).view_as(targets)
+        if self.params.both_directions:  # [mix(i, j, l1); mix(j, i, l2)] (train_mixup: mixed_x1, mixed_x2)
+            (lam, lam2), x1 = lam, inputs
+            inputs, x2 = torch.cat([x1, x2]), torch.cat([x2, x1])
+            targets, y2 = torch.cat([targets, y2]), torch.cat([y2, targets])
+            lam = torch.cat([lam, lam2])
         y_mix = mix_pair(targets, y2, lam)
         if self.params.manifold:
             first, rest = _first_block_split(model)
@@ -225,7 +297,23 @@ class RegressionMixup(Method):
             pred = model(mix_pair(inputs, x2, lam))
         loss = F.mse_loss(pred.float().view_as(y_mix), y_mix.float())
         gap = (targets - y2).abs().mean()  # how far partners' labels are: what the kernel shrinks
-        return {"loss": loss, "logits": pred, "lam": lam, "partner_label_gap": gap.detach()}
+        mean_lam = lam.mean().item() if torch.is_tensor(lam) else lam  # a CPU draw: no device sync
+        return {"loss": loss, "logits": pred, "lam": mean_lam, "partner_label_gap": gap.detach()}
+
+
+class IndexedTargets(torch.utils.data.Dataset):
+    """A training set whose target is `[y..., index]` in float64 (exact for y float32 and any index < 2^53)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        x, y = self.dataset[index]
+        y = torch.as_tensor(y).reshape(-1).to(torch.float64)
+        return x, torch.cat([y, torch.tensor([float(index)], dtype=torch.float64)])
 
 
 def _first_block_split(model):
