@@ -106,8 +106,8 @@ def build_scheduler(optimizer, cfg: RunConfig, updates_per_epoch: int):
         if not s.milestones:
             raise ReproError("schedule.name=multistep needs schedule.milestones (epochs), e.g. [100, 150].")
         # timm's MultiStepLRScheduler counts decay_t <= t + 1, so decay_t = m would already drop the lr in 0-based
-        # epoch m - 1; + 1 makes a milestone m mean "after m epochs" (0-based epoch m onwards), as the official
-        # `if epoch >= 100: lr /= 10` (mixup-cifar10) and torch's MultiStepLR stepped once per epoch
+        # epoch m - 1; + 1 makes a milestone m mean "after m epochs" (0-based epoch m onwards), as torch's
+        # MultiStepLR stepped once per epoch
         return MultiStepLRScheduler(
             optimizer, decay_t=[int(m * unit) + 1 for m in s.milestones], decay_rate=s.gamma,
             warmup_t=warmup, warmup_lr_init=s.warmup_lr, t_in_epochs=in_epochs,

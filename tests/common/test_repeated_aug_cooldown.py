@@ -239,21 +239,11 @@ def multistep_lrs(per, milestones, epochs, upe=3, base=0.1, gamma=0.1):
 
 
 @pytest.mark.parametrize("per", ["epoch", "step"])
-def test_multistep_milestone_m_drops_after_m_epochs_as_the_official_loops(per):
-    """mixup-cifar10's adjust_learning_rate (0-based `epoch >= 100: lr /= 10`, again at 150), and torch's MultiStepLR
-    stepped once per epoch (RankMixup, CutMix): milestone m = the lr drops from 0-based epoch m on."""
+def test_multistep_milestone_m_drops_after_m_epochs_as_torchs_multisteplr(per):
+    """torch's MultiStepLR stepped once after each epoch (RankMixup, CutMix's `epoch // m` rule): milestone m = the
+    lr drops from 0-based epoch m on."""
     upe, base = 3, 0.1
     used = multistep_lrs(per, [100, 150], 200, upe, base)
-
-    def official(epoch):
-        lr = base
-        if epoch >= 100:
-            lr /= 10
-        if epoch >= 150:
-            lr /= 10
-        return lr
-
-    assert used == pytest.approx([official(e) for e in range(200) for _ in range(upe)], rel=1e-12)
     opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=base)
     torch_sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[100, 150], gamma=0.1)
     reference = []
@@ -262,3 +252,20 @@ def test_multistep_milestone_m_drops_after_m_epochs_as_the_official_loops(per):
         opt.step()
         torch_sched.step()
     assert used == pytest.approx(reference, rel=1e-12)
+    assert used[99 * upe] == base and used[100 * upe] == pytest.approx(base / 10)
+
+
+@pytest.mark.parametrize("config", ["paper/cifar10_preactresnet18.yaml", "paper/cifar10_wrn28_10.yaml",
+                                    "proxy/cifar10_preactresnet18.yaml"])
+def test_mixup_configs_run_the_official_loop_order(config):
+    """facebookresearch/mixup-cifar10 train.py: `train(epoch); test(epoch); adjust_learning_rate(epoch)` with
+    `if epoch >= 100: lr /= 10` (and 150): the new lr applies from the next epoch, so epochs 0-100 run at 0.1."""
+    cfg = load_config(Path(__file__).parents[2] / "papers" / "mixup" / "configs" / config, method_label="mixup")
+    opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=cfg.optim.lr)
+    used = lrs_used(build_scheduler(opt, cfg, 1), opt, cfg.train.epochs, 1)
+
+    official, lr = [], cfg.optim.lr
+    for epoch in range(cfg.train.epochs):
+        official.append(lr)  # train(epoch) and test(epoch) run at the current lr
+        lr = cfg.optim.lr / (10 if epoch >= 100 else 1) / (10 if epoch >= 150 else 1)  # adjust_learning_rate
+    assert used == pytest.approx(official, rel=1e-12)
