@@ -187,6 +187,9 @@ class RegressionMixup(Method):
         if p.exclude_self and p.partners == "batch_kernel":
             raise ReproError("method.exclude_self applies to partners 'uniform' and 'kernel' (PovertyMap), not "
                              "'batch_kernel'.")
+        if p.both_directions and not p.lam_per_sample:
+            raise ReproError("method.both_directions draws a second weight per row: set method.lam_per_sample=true "
+                             "(PovertyMap mix_up).")
         if p.anchors_per_batch is not None and p.anchors_per_batch < 1:
             raise ReproError(f"method.anchors_per_batch must be >= 1 or null, got {p.anchors_per_batch!r}.")
         self.features = self.labels = self.dataset = None
@@ -270,6 +273,10 @@ class RegressionMixup(Method):
         inputs, targets = batch
         anchors = None
         if self.params.exclude_self:  # IndexedTargets: the row's training-set index is the last target column
+            if targets.dim() != 2 or targets.shape[1] != self.labels.shape[1] + 1:
+                raise ReproError(f"method {self.name!r} with exclude_self needs the batches of its train_dataset "
+                                 f"(targets with the row index appended), got targets {tuple(targets.shape)}; "
+                                 "set data.device_cache=false.")
             anchors, targets = targets[:, -1].long(), targets[:, :-1].float()
         lam, partner = self.draw(targets, ctx.generator, anchors)
         if self.params.partners == "batch_kernel":

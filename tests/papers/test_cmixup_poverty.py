@@ -338,9 +338,16 @@ def test_step_mixes_each_row_with_its_own_lambda_in_both_directions(name, bandwi
     assert out["lam"] == pytest.approx(float(np.mean(np.concatenate([l1, l2]))))
 
 
-def test_batch_kernel_cannot_exclude_self():
+def test_option_misuse_is_refused():
     with pytest.raises(ReproError, match="exclude_self"):
         build_method({"name": "cmixup_batch", "exclude_self": True}, num_classes=1, task="regression")
+    with pytest.raises(ReproError, match="lam_per_sample=true"):
+        build_method({"name": "cmixup", "both_directions": True}, num_classes=1, task="regression")
+    method = build_method({"name": "cmixup", "exclude_self": True}, num_classes=1, task="regression")
+    method.prepare(TinyRows(torch.zeros(4, 2), torch.zeros(4, 1)), types.SimpleNamespace(task="regression"))
+    ctx = StepContext(epoch=0, step=0, progress=0.0, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ReproError, match="device_cache=false"):  # batches without the appended index
+        method.step(Recorder(), (torch.zeros(2, 2), torch.zeros(2, 1)), ctx)
 
 
 # ---------------------------------------------------------------------------------------------- model
