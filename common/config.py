@@ -85,6 +85,9 @@ class ScheduleConfig:
     # cosine only: the last cooldown_epochs of train.epochs run at min_lr after the cosine ends, as timm's train.py
     # with --cooldown-epochs (its --epochs 300 --cooldown-epochs 10 is train.epochs 310, cooldown_epochs 10 here)
     cooldown_epochs: float = 0.0
+    # cosine only: warm-up first, then a cosine over the remaining train.epochs - warmup_epochs (timm's
+    # warmup_prefix=True; ResizeMix's CosineRestartAnnealingLR); false: the warm-up overlaps the cosine's start
+    warmup_prefix: bool = False
 
 
 @dataclass
@@ -332,6 +335,7 @@ _ADDED_LATER = {
     ("data", "options"): {},
     ("optim", "reset_each_epoch"): False,
     ("schedule", "cooldown_epochs"): 0,
+    ("schedule", "warmup_prefix"): False,
     ("train", "find_unused_parameters"): False,
     ("train", "world_size"): 1,  # every committed run trained in one process
 }

@@ -79,7 +79,8 @@ def build_scheduler(optimizer, cfg: RunConfig, updates_per_epoch: int):
     Cosine with schedule.cooldown_epochs = c: the cosine spans train.epochs - c and the last c epochs run at
     min_lr (timm's CosineLRScheduler returns lr_min past t_initial with cycle_limit 1), which is timm's train.py
     with --epochs E-c --cooldown-epochs c. Warm-up overlaps the start of the cosine (timm's warmup_prefix=False,
-    what DeiT and TransMix ran), so the cosine still reaches min_lr at epoch E-c."""
+    what DeiT and TransMix ran), so the cosine still reaches min_lr at epoch E-c; with schedule.warmup_prefix the
+    cosine starts after the warm-up and spans the rest (ResizeMix's official scheduler)."""
     from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, StepLRScheduler
 
     s, epochs = cfg.schedule, cfg.train.epochs
@@ -97,10 +98,14 @@ def build_scheduler(optimizer, cfg: RunConfig, updates_per_epoch: int):
         if in_epochs and s.cooldown_epochs != int(s.cooldown_epochs):
             raise ReproError(f"schedule.cooldown_epochs={s.cooldown_epochs:g} must be a whole number of epochs with "
                              "schedule.per=epoch (the lr changes only at epoch starts); or use schedule.per=step.")
+    if s.warmup_prefix and s.name != "cosine":
+        raise ReproError(f"schedule.warmup_prefix=true applies to the cosine schedule only; set it false for "
+                         f"schedule.name={s.name}.")
     if s.name == "cosine":
+        cosine_t = round((epochs - s.cooldown_epochs) * unit) - (warmup if s.warmup_prefix else 0)
         return CosineLRScheduler(
-            optimizer, t_initial=max(1, round((epochs - s.cooldown_epochs) * unit)), lr_min=s.min_lr,
-            warmup_t=warmup, warmup_lr_init=s.warmup_lr, t_in_epochs=in_epochs,
+            optimizer, t_initial=max(1, cosine_t), lr_min=s.min_lr, warmup_t=warmup, warmup_lr_init=s.warmup_lr,
+            warmup_prefix=s.warmup_prefix, t_in_epochs=in_epochs,
         )
     if s.name == "multistep":
         if not s.milestones:

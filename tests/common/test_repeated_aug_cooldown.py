@@ -202,6 +202,7 @@ def hash_without_new_options(cfg):
     if data["data"]["val_per_class"] is False:
         del data["data"]["val_per_class"]
     del data["schedule"]["cooldown_epochs"]
+    del data["schedule"]["warmup_prefix"]
     del data["train"]["find_unused_parameters"]
     del data["train"]["world_size"]
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -216,7 +217,7 @@ def test_new_options_at_their_neutral_value_keep_the_hash():
     assert config_hash(cfg) == "808073dde329fe61"  # computed before the options were added
     assert config_hash(load_config(path, ["train.world_size=1"], method_label="erm")) == config_hash(cfg)
     for changed in (["data.repeated_aug=3"], ["schedule.cooldown_epochs=1"], ["train.find_unused_parameters=true"],
-                    ["train.world_size=2"], ["optim.reset_each_epoch=true"]):
+                    ["train.world_size=2"], ["optim.reset_each_epoch=true"], ["schedule.warmup_prefix=true"]):
         assert config_hash(load_config(path, changed, method_label="erm")) != config_hash(cfg)
 
 
@@ -269,3 +270,66 @@ def test_mixup_configs_run_the_official_loop_order(config):
         official.append(lr)  # train(epoch) and test(epoch) run at the current lr
         lr = cfg.optim.lr / (10 if epoch >= 100 else 1) / (10 if epoch >= 150 else 1)  # adjust_learning_rate
     assert used == pytest.approx(official, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------- warm-up prefix
+RESIZEMIX_SCHEDULER = Path("/work/.mirror/JayQine+ResizeMix/repo")
+
+
+def resizemix_official_lrs(total, warmup, base, start, eta_min):
+    """JayQine/ResizeMix tools/lr_scheduler.py CosineRestartAnnealingLR without restarts, `.step()` before every
+    batch: linear warm-up start -> base over `warmup` steps, then a cosine over the remaining total - warmup steps."""
+    lrs = []
+    for k in range(total):
+        if k < warmup:
+            lrs.append(start + (base - start) / warmup * k)
+        else:
+            lrs.append(eta_min + (base - eta_min) * (1 + math.cos((k - warmup) * math.pi / (total - warmup))) / 2)
+    return lrs
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "papers/resizemix/configs/paper").glob("cifar*.yaml")),
+                         ids=lambda p: p.stem)
+def test_resizemix_cifar_configs_warm_up_then_run_the_whole_cosine(config):
+    upe = 5  # steps per epoch (any: the schedule is per step)
+    cfg = load_config(config, method_label="resizemix")
+    assert cfg.schedule.warmup_prefix
+    opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=cfg.optim.lr)
+    used = lrs_used(build_scheduler(opt, cfg, upe), opt, cfg.train.epochs, upe)
+    total, warmup = cfg.train.epochs * upe, round(cfg.schedule.warmup_epochs * upe)
+    expected = resizemix_official_lrs(total, warmup, cfg.optim.lr, cfg.schedule.warmup_lr, cfg.schedule.min_lr)
+    assert used == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    overlapping = load_config(config, ["schedule.warmup_prefix=false"], method_label="resizemix")
+    opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=cfg.optim.lr)
+    assert lrs_used(build_scheduler(opt, overlapping, upe), opt, 20, upe)[warmup] != pytest.approx(expected[warmup])
+
+
+@pytest.mark.skipif(not RESIZEMIX_SCHEDULER.exists(), reason="the fetched JayQine/ResizeMix mirror is absent")
+def test_warmup_prefix_matches_the_authors_scheduler_run_beside_it():
+    import subprocess
+    import types
+
+    source = subprocess.run(["git", "-C", str(RESIZEMIX_SCHEDULER), "show", "HEAD:tools/lr_scheduler.py"],
+                            capture_output=True, text=True, check=True).stdout
+    official = types.ModuleType("resizemix_lr_scheduler")
+    exec(compile(source, "tools/lr_scheduler.py", "exec"), official.__dict__)  # noqa: S102 (the authors' file)
+    epochs, upe, base = 12, 4, 0.2
+    theirs_opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=base)
+    theirs = official.CosineRestartAnnealingLR(theirs_opt, float(epochs * upe), [], [], eta_min=1e-5,
+                                               use_warmup=True, warmup_steps=3 * upe, warmup_startlr=1e-5,
+                                               warmup_targetlr=base)
+    reference = []
+    for _ in range(epochs * upe):
+        theirs.step()
+        reference.append(theirs_opt.param_groups[0]["lr"])
+    cfg = load_config(None, [f"train.epochs={epochs}", "schedule.per=step", "schedule.warmup_epochs=3",
+                             "schedule.warmup_lr=1e-5", "schedule.min_lr=1e-5", "schedule.warmup_prefix=true",
+                             f"optim.lr={base}"])
+    opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=base)
+    assert lrs_used(build_scheduler(opt, cfg, upe), opt, epochs, upe) == pytest.approx(reference, rel=1e-9)
+
+
+def test_warmup_prefix_is_refused_outside_the_cosine():
+    cfg = load_config(None, ["schedule.name=multistep", "schedule.milestones=[2]", "schedule.warmup_prefix=true"])
+    with pytest.raises(ReproError, match="warmup_prefix=true applies to the cosine schedule only"):
+        build_scheduler(torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1), cfg, 1)
