@@ -508,7 +508,7 @@ def test_a_training_step_through_the_trainer(sample, tmp_path, label):
 def test_rows_say_data_not_available_until_a_run_exists(tmp_path):
     from common.report import build_table
 
-    for table, setting in (("ood_r", "PovertyMap avg"), ("ood_r_worst", "PovertyMap worst")):
+    for table, setting in (("ood_r", "PovertyMap avg"), ("ood_r_worst_group", "PovertyMap worst")):
         rows = {(r["setting"], r["method"]): r for r in build_table("cmixup", "paper", table, tmp_path)[2]}
         for method in ("erm", "mixup", "cmixup"):
             row = rows[(setting, method)]
