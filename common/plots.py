@@ -269,7 +269,7 @@ def plot_seed_bars(
             width=0.6,
             color=f"C{index % 10}",
             alpha=0.6,
-            label=f"{label}: {means[label]:.2f} ({_seeds(v.size)})",
+            label=f"{label}: {_mean_text(means[label])} ({_seeds(v.size)})",
         )
         # Spread the dots a little sideways (deterministically) so equal seeds stay visible.
         offsets = np.linspace(-0.15, 0.15, v.size) if v.size > 1 else np.zeros(1)
@@ -454,6 +454,11 @@ def _band(ax, epochs, values, label, color):
     ax.plot(epochs, mean, color=color, label=label, marker="o" if len(epochs) < 15 else None, markersize=3)
     ax.fill_between(epochs, lo, hi, color=color, alpha=0.2, linewidth=0)
     return epochs, mean, lo, hi
+
+
+def _mean_text(value: float) -> str:
+    """Two decimals for errors in %, RMSEs of a few units; three significant digits below 1 (0.0205, not 0.02)."""
+    return f"{value:.2f}" if abs(value) >= 1 else f"{value:.3g}"
 
 
 def _seeds(count: int) -> str:
